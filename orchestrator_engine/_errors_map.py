@@ -1,0 +1,28 @@
+"""Translate driver errors into the engine's exception tree at exactly one boundary."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pgerr
+
+from .errors import ConcurrencyConflictError, DatabaseError, OrchestratorError, PayloadError
+
+
+_CONSTRAINT_ERRORS: dict[str, type[OrchestratorError]] = {
+    "uk_events_sequence": ConcurrencyConflictError,
+}
+
+
+def translate(exc: psycopg.Error) -> Exception:
+    """Return the engine error for ``exc``; connection problems pass through unchanged."""
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        # The connection is gone or the server is shutting down: callers (the worker) retry these.
+        return exc
+    if isinstance(exc, (pgerr.SerializationFailure, pgerr.DeadlockDetected, pgerr.LockNotAvailable)):
+        return ConcurrencyConflictError(f"concurrent update conflict: {exc.sqlstate}")
+    if isinstance(exc, (pgerr.UntranslatableCharacter, pgerr.InvalidTextRepresentation, pgerr.CharacterNotInRepertoire)):
+        return PayloadError(f"the database refused a value: {exc.diag.message_primary}")
+    constraint = exc.diag.constraint_name
+    if constraint and constraint in _CONSTRAINT_ERRORS:
+        return _CONSTRAINT_ERRORS[constraint](f"constraint {constraint} refused the change")
+    return DatabaseError(f"database error {exc.sqlstate}: {exc.diag.message_primary}")

@@ -1,0 +1,82 @@
+"""What both coordinators share: the pool, the repositories, transactions and the definition cache."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from .._payload import encode_payload
+from ..config import EngineConfig
+from ..definitions import WorkflowDefinition
+from ..errors import WorkflowNotFoundError
+from ..repositories import Repositories
+from ._unit import InstanceUnit
+
+
+def notify_channel(schema: str) -> str:
+    """Return the LISTEN/NOTIFY channel on which the engine announces ready tasks."""
+    return f"orchestrator_engine_{schema}"
+
+
+class Engine:
+    """Own transactions for the coordinators; one per (pool, config)."""
+
+    def __init__(self, pool: ConnectionPool[Any], config: EngineConfig) -> None:
+        self.pool = pool
+        self.config = config
+        self.repos = Repositories(config.schema)
+        self.channel = notify_channel(config.schema)
+        self._definitions: dict[tuple[str, str, int], WorkflowDefinition] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self, conn: psycopg.Connection[Any] | None = None) -> Iterator[psycopg.Connection[Any]]:
+        """Yield a connection inside a transaction: the caller's (as a savepoint) or a pooled one."""
+        if conn is not None:
+            with conn.transaction():
+                yield conn
+            return
+        with self.pool.connection() as pooled, pooled.transaction():
+            yield pooled
+
+    @contextmanager
+    def reading(self) -> Iterator[psycopg.Connection[Any]]:
+        """Yield a pooled connection for reads that need no transaction of their own."""
+        with self.pool.connection() as pooled:
+            yield pooled
+
+    def encode(self, value: Any, what: str) -> str:
+        return encode_payload(value, limit=self.config.max_payload_bytes, what=what)
+
+    def definition(self, conn: psycopg.Connection[Any], namespace: str, name: str, version: int) -> WorkflowDefinition:
+        """Return a stored definition; (namespace, name, version) never changes body, so it is cached."""
+        key = (namespace, name, version)
+        cached = self._definitions.get(key)
+        if cached is not None:
+            return cached
+        row = self.repos.definitions.definition_get(conn, namespace, name, version)
+        if row is None:
+            raise WorkflowNotFoundError(f"no workflow {namespace}/{name} version {version}")
+        definition = WorkflowDefinition.from_json(row["definition"])
+        with self._lock:
+            self._definitions[key] = definition
+        return definition
+
+    def lock(self, conn: psycopg.Connection[Any], instance_id: UUID) -> InstanceUnit:
+        """Lock an instance row and return the unit of work that changes it."""
+        row = self.repos.instances.workflow_lock(conn, instance_id)
+        if row is None:
+            raise WorkflowNotFoundError(f"no workflow instance {instance_id}")
+        definition = self.definition(conn, row["namespace"], row["workflow_name"], row["workflow_version"])
+        return InstanceUnit(self, conn, row, definition)
+
+    def notify(self, conn: psycopg.Connection[Any], namespace: str) -> None:
+        """Wake idle workers when this transaction commits; polling remains the backstop."""
+        if self.config.notify:
+            self.repos.events.event_notify_ready(conn, self.channel, namespace)

@@ -1,0 +1,279 @@
+"""One transaction's changes to one locked workflow instance, and the rules that drive them.
+
+Every change goes through an InstanceUnit: it checks each state edge against the transition table,
+collects the events, and finally writes them with a guarded ``UPDATE ... WHERE sequence_number =
+expected``. Because the instance row is locked first, the guard never fails in practice; it is kept so a
+caller that forgot the lock gets ConcurrencyConflictError instead of a lost update.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import psycopg
+
+from ..definitions import WorkflowDefinition
+from ..errors import ConcurrencyConflictError, InvalidStateError
+from ..models import EventType, TaskKind, WorkflowState, can_transition_workflow
+
+if TYPE_CHECKING:
+    from ..repositories import Row
+    from ._engine import Engine
+
+W = WorkflowState
+FORWARD = TaskKind.FORWARD.value
+COMPENSATION = TaskKind.COMPENSATION.value
+
+
+def _event_name(kind: str, suffix: str) -> str:
+    return ("TASK_" if kind == FORWARD else "COMPENSATION_TASK_") + suffix
+
+
+def execution_key(instance_id: UUID, kind: str, task_id: str, attempt: int) -> str:
+    """Return the idempotency key of one attempt: unique per (instance, kind, task, attempt)."""
+    prefix = "" if kind == FORWARD else "compensate:"
+    return f"{instance_id}:{prefix}{task_id}:{attempt}"
+
+
+class InstanceUnit:
+    """Changes to one locked instance within one transaction."""
+
+    def __init__(self, engine: Engine, conn: psycopg.Connection[Any], row: Row, definition: WorkflowDefinition) -> None:
+        self.engine = engine
+        self.repos = engine.repos
+        self.conn = conn
+        self.row = row
+        self.definition = definition
+        self.instance_id: UUID = row["instance_id"]
+        self.state = W(row["state"])
+        self.expected: int = row["sequence_number"]
+        self.pending_tasks: int = row["pending_tasks"]
+        self.pending_compensations: int = row["pending_compensations"]
+        self.output: str | None = None
+        self.events: list[dict[str, Any]] = []
+        self.scheduled = False
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def emit(self, event_type: EventType | str, payload: dict[str, Any], key: str | None = None) -> None:
+        """Queue an event; its sequence number follows the ones queued before it."""
+        seq = self.expected + len(self.events) + 1
+        name = event_type.value if isinstance(event_type, EventType) else event_type
+        self.events.append(
+            {
+                "workflow_instance_id": str(self.instance_id),
+                "sequence_number": seq,
+                "event_type": name,
+                "payload": payload,
+                "idempotency_key": f"{self.instance_id}:{key or name.lower()}:{seq if key is None else ''}",
+            }
+        )
+
+    def move(self, target: WorkflowState, event: EventType, payload: dict[str, Any]) -> None:
+        """Move the workflow along a legal edge, or raise InvalidStateError."""
+        if not can_transition_workflow(self.state, target):
+            raise InvalidStateError(
+                f"workflow {self.instance_id} cannot go from {self.state.value} to {target.value}",
+                state=self.state.value,
+            )
+        self.state = target
+        self.emit(event, payload)
+
+    def flush(self) -> Row:
+        """Write the queued events and the instance row under the sequence guard."""
+        if self.events:
+            self.repos.events.event_insert_many(self.conn, self.events)
+        row = self.repos.instances.workflow_update_if_sequence(
+            self.conn,
+            instance_id=self.instance_id,
+            expected=self.expected,
+            new_sequence=self.expected + len(self.events),
+            state=self.state.value,
+            output=self.output,
+            pending_tasks=self.pending_tasks,
+            pending_compensations=self.pending_compensations,
+        )
+        if row is None:
+            raise ConcurrencyConflictError(f"workflow {self.instance_id} changed concurrently")
+        if self.scheduled and self.state in (W.RUNNING, W.COMPENSATING):
+            self.engine.notify(self.conn, self.row["namespace"])
+        self.row = row
+        self.expected = row["sequence_number"]
+        self.events = []
+        return row
+
+    def scheduled_events(self, rows: list[Row]) -> None:
+        for row in rows:
+            if row["state"] == "READY":
+                self.scheduled = True
+                self.emit(
+                    _event_name(row["kind"], "SCHEDULED"),
+                    {"execution_id": str(row["execution_id"]), "task_id": row["task_id"], "attempt": row["attempt_number"]},
+                    key=f"scheduled:{row['execution_id']}",
+                )
+
+    def _task_payload(self, row: Row, **extra: Any) -> dict[str, Any]:
+        return {
+            "execution_id": str(row["execution_id"]),
+            "task_id": row["task_id"],
+            "kind": row["kind"],
+            "attempt": row["attempt_number"],
+            "fence_token": row["fence_token"],
+            **extra,
+        }
+
+    # -- task outcomes ---------------------------------------------------------------------------
+
+    def task_completed(self, row: Row) -> None:
+        """Record an accepted completion and advance the DAG (or the compensation order)."""
+        kind = row["kind"]
+        self.emit(_event_name(kind, "COMPLETED"), self._task_payload(row), key=f"completed:{row['execution_id']}")
+        self.repos.executions.task_lease_delete(self.conn, [row["execution_id"]])
+        released = self.repos.executions.task_release_dependents(self.conn, self.instance_id, row["task_id"], kind)
+        self.scheduled_events(released)
+        if kind == FORWARD:
+            self.pending_tasks -= 1
+            if self.pending_tasks == 0 and self.state in (W.RUNNING, W.PAUSED):
+                self.output = json.dumps(self.repos.instances.workflow_collect_output(self.conn, self.instance_id))
+                self.move(W.COMPLETED, EventType.WORKFLOW_COMPLETED, {})
+        else:
+            self.pending_compensations -= 1
+            if self.pending_compensations == 0 and self.state is W.COMPENSATING:
+                self.move(W.COMPENSATED, EventType.WORKFLOW_COMPENSATED, {})
+
+    def task_failed(self, row: Row, *, lapsed: bool = False) -> None:
+        """Record a failed attempt: schedule the next one, or fail terminally."""
+        kind = row["kind"]
+        self.emit(
+            _event_name(kind, "FAILED"),
+            self._task_payload(row, error=row["error"], lease_lapsed=lapsed),
+            key=f"failed:{row['execution_id']}",
+        )
+        self.repos.executions.task_lease_delete(self.conn, [row["execution_id"]])
+        tries = row["attempt_number"] + row["lapse_count"]
+        if tries < row["max_attempts"] and self.state not in (W.CANCELLED, W.COMPENSATED, W.COMPLETED):
+            policy = self.definition.by_id[row["task_id"]].retry
+            delay = policy.delay_after(row["attempt_number"])
+            self.schedule_attempt(row, delay_s=delay.total_seconds(), manual=False)
+            return
+        self.terminal_failure(row)
+
+    def schedule_attempt(self, row: Row, *, delay_s: float, manual: bool, input_text: str | None = None) -> Row:
+        attempt = row["attempt_number"] + 1
+        new = self.repos.executions.task_insert_retry(
+            self.conn,
+            execution_id=row["execution_id"],
+            new_execution_id=uuid.uuid4(),
+            idempotency_key=execution_key(self.instance_id, row["kind"], row["task_id"], attempt),
+            # a manual retry is always allowed one more try, whatever the policy says
+            min_max_attempts=attempt + row["lapse_count"] if manual else 1,
+            input=input_text,
+            delay_s=delay_s,
+        )
+        assert new is not None
+        self.emit(
+            _event_name(row["kind"], "RETRY_SCHEDULED"),
+            {
+                "execution_id": str(new["execution_id"]),
+                "task_id": new["task_id"],
+                "attempt": attempt,
+                "delay_s": round(delay_s, 3),
+                "manual": manual,
+            },
+            key=f"retry:{new['execution_id']}",
+        )
+        if delay_s <= 0:
+            self.scheduled_events([new])
+        return new
+
+    def terminal_failure(self, row: Row) -> None:
+        if row["kind"] == COMPENSATION:
+            if self.state is W.COMPENSATING:
+                self.move(W.FAILED, EventType.WORKFLOW_FAILED, {"compensation_failed": row["task_id"], "error": row["error"]})
+            return
+        if self.state not in (W.RUNNING, W.PAUSED):
+            return  # already failed, or forward work was stopped by cancel/compensation
+        completed = self.repos.executions.task_completed_forward(self.conn, self.instance_id)
+        if any(self.definition.by_id[r["task_id"]].compensation for r in completed):
+            self.start_compensation({r["task_id"] for r in completed}, {"failed_task": row["task_id"]}, completed)
+        else:
+            self.move(W.FAILED, EventType.WORKFLOW_FAILED, {"failed_task": row["task_id"], "error": row["error"]})
+
+    def task_lapsed(self, row: Row) -> None:
+        """Hand a lapsed lease back to the queue, or fail the attempt when it timed out or is out of tries."""
+        timed_out = row["deadline_at"] is not None and row["deadline_at"] <= row["lease_expires_at"]
+        next_grant = row["attempt_number"] + row["lapse_count"] + 1
+        if timed_out or next_grant > row["max_attempts"]:
+            reason = "timed out" if timed_out else "lease lapsed and no attempts are left"
+            error = {"type": "TimeoutError" if timed_out else "LeaseLapsed", "message": f"task {reason}"}
+            failed = self.repos.executions.task_fail_if_lapsed(
+                self.conn, row["execution_id"], json.dumps(error), 0 if timed_out else 1
+            )
+            if failed is not None:
+                self.task_failed(failed, lapsed=True)
+            return
+        requeued = self.repos.executions.task_requeue_if_lapsed(self.conn, row["execution_id"])
+        if requeued is not None:
+            self.emit(
+                EventType.TASK_LEASE_EXPIRED,
+                self._task_payload(row, worker_id=str(row["lease_holder"])),
+                key=f"lapsed:{row['execution_id']}:{row['fence_token']}",
+            )
+            self.scheduled_events([requeued])
+
+    # -- workflow-wide changes -------------------------------------------------------------------
+
+    def stop_open_work(self, kind: str | None) -> int:
+        """Cancel pending/ready executions and revoke running leases (their completions are then fenced)."""
+        cancelled = self.repos.executions.task_cancel_open(self.conn, self.instance_id, kind)
+        if cancelled:
+            self.repos.executions.task_lease_delete(self.conn, [r["execution_id"] for r in cancelled])
+        return len(cancelled)
+
+    def start_compensation(self, candidates: set[str], cause: dict[str, Any], completed: list[Row] | None = None) -> None:
+        """Stop forward work and schedule the compensations of ``candidates`` that completed."""
+        cancelled = self.stop_open_work(FORWARD)
+        if completed is None:
+            completed = self.repos.executions.task_completed_forward(self.conn, self.instance_id)
+        by_task = {
+            r["task_id"]: r
+            for r in completed
+            if r["task_id"] in candidates and self.definition.by_id[r["task_id"]].compensation
+        }
+        self.move(
+            W.COMPENSATING,
+            EventType.COMPENSATION_STARTED,
+            {"cause": cause, "tasks": sorted(by_task), "cancelled_executions": cancelled},
+        )
+        rows = []
+        for task_id, done in by_task.items():
+            task = self.definition.by_id[task_id]
+            # reverse order: wait for the compensations of every compensated task downstream of this one
+            waits_for = sorted(self.definition.descendants(task_id) & by_task.keys())
+            rows.append(
+                {
+                    "execution_id": str(uuid.uuid4()),
+                    "workflow_instance_id": str(self.instance_id),
+                    "namespace": self.row["namespace"],
+                    "task_id": task_id,
+                    "task_type": task.compensation,
+                    "kind": COMPENSATION,
+                    "idempotency_key": execution_key(self.instance_id, COMPENSATION, task_id, 1),
+                    "attempt_number": 1,
+                    "lapse_count": 0,
+                    "max_attempts": task.retry.max_attempts,
+                    "state": "PENDING" if waits_for else "READY",
+                    "depends_on": waits_for,
+                    "deps_remaining": len(waits_for),
+                    "input": {"task_id": task_id, "input": done["input"], "output": done["output"]},
+                    "timeout_ms": None if task.timeout is None else round(task.timeout.total_seconds() * 1000),
+                }
+            )
+        inserted = self.repos.executions.task_insert_many(self.conn, rows) if rows else []
+        self.scheduled_events(inserted)
+        self.pending_compensations = len(inserted)
+        if not inserted:
+            self.move(W.COMPENSATED, EventType.WORKFLOW_COMPENSATED, {})

@@ -1,0 +1,239 @@
+"""TaskCoordinator: leases with fencing tokens, completion, failure, retries and lapsed-lease recovery."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from ..config import EngineConfig
+from ..errors import FencingError, InvalidStateError, TaskNotFoundError
+from ..models import EventType, TaskExecution, WorkflowState, execution_from_row
+from ._engine import Engine
+from ._ids import as_uuid
+from ._unit import COMPENSATION, FORWARD
+
+W = WorkflowState
+#: lapsed leases reclaimed per acquisition call, so one poll never turns into a long sweep
+RECLAIM_PER_CALL = 8
+
+
+def _fence(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"fence_token must be an int, got {type(value).__name__}")
+    return value
+
+
+class TaskCoordinator:
+    """Hand out task executions under leases and accept their results only from the lease holder."""
+
+    def __init__(self, pool: ConnectionPool[Any], config: EngineConfig, *, engine: Engine | None = None) -> None:
+        self._engine = engine or Engine(pool, config)
+        self._config = config
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # -- acquisition -----------------------------------------------------------------------------
+
+    def acquire_task(self, execution_id: UUID | str, worker_id: UUID | str) -> TaskExecution | None:
+        """Lease one READY (or lapsed) execution; None when it is not acquirable."""
+        eid = as_uuid(execution_id, "execution_id")
+        wid = as_uuid(worker_id, "worker_id")
+        repos = self._engine.repos
+        with self._engine.transaction() as c:
+            row = repos.executions.task_get(c, eid)
+            if row is None:
+                return None
+            unit = self._engine.lock(c, row["workflow_instance_id"])
+            if unit.state not in (W.RUNNING, W.COMPENSATING):
+                return None
+            row = repos.executions.task_get(c, eid)
+            assert row is not None
+            if row["state"] == "RUNNING":
+                unit.task_lapsed(row)  # guarded in SQL by lease_expires_at < now(): a live lease is left alone
+            granted = repos.executions.task_lease_if_acquirable(c, eid, wid, self._config.lease_duration)
+            if granted is not None:
+                unit.emit(
+                    EventType.TASK_STARTED if granted["kind"] == FORWARD else EventType.COMPENSATION_TASK_STARTED,
+                    {
+                        "execution_id": str(eid),
+                        "task_id": granted["task_id"],
+                        "kind": granted["kind"],
+                        "attempt": granted["attempt_number"],
+                        "worker_id": str(wid),
+                        "fence_token": granted["fence_token"],
+                    },
+                    key=f"started:{eid}:{granted['fence_token']}",
+                )
+            unit.flush()
+        return None if granted is None else execution_from_row(granted)
+
+    def poll_tasks(
+        self,
+        worker_id: UUID | str,
+        *,
+        namespace: str | None = None,
+        task_types: Iterable[str] | None = None,
+        limit: int = 1,
+    ) -> list[TaskExecution]:
+        """Lease up to ``limit`` ready executions, oldest first, in one statement; never the same twice."""
+        wid = as_uuid(worker_id, "worker_id")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be an int between 1 and 1000, got {limit!r}")
+        if isinstance(task_types, str):
+            raise TypeError("task_types must be a list of task types, not a string")
+        types = None if task_types is None else list(task_types)
+        self.reclaim_expired_leases(limit=RECLAIM_PER_CALL)
+        with self._engine.transaction() as c:
+            rows = self._engine.repos.executions.task_poll_and_lease(
+                c,
+                worker_id=wid,
+                namespace=namespace,
+                task_types=types,
+                limit=limit,
+                lease=self._config.lease_duration,
+            )
+            if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
+                raise AssertionError("poll lost an instance sequence update")  # pragma: no cover - invariant
+        return [execution_from_row(r) for r in rows]
+
+    def reclaim_expired_leases(self, *, limit: int = 100) -> int:
+        """Requeue (or fail, when out of tries or past the timeout) executions whose lease lapsed."""
+        repos = self._engine.repos
+        with self._engine.transaction() as c:
+            lapsed = repos.executions.task_select_lapsed(c, limit)
+            by_instance: dict[UUID, list[UUID]] = {}
+            for r in lapsed:
+                by_instance.setdefault(r["workflow_instance_id"], []).append(r["execution_id"])
+            for instance_id, execution_ids in by_instance.items():
+                unit = self._engine.lock(c, instance_id)  # already locked by task_select_lapsed: no wait
+                for eid in execution_ids:
+                    row = repos.executions.task_get(c, eid)
+                    if row is not None and row["state"] == "RUNNING":
+                        unit.task_lapsed(row)
+                unit.flush()
+        return len(lapsed)
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def complete_task(
+        self,
+        execution_id: UUID | str,
+        worker_id: UUID | str,
+        fence_token: int,
+        output: Any = None,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> TaskExecution:
+        """Accept a result from the current lease holder; repeating an accepted call is a no-op."""
+        eid = as_uuid(execution_id, "execution_id")
+        wid = as_uuid(worker_id, "worker_id")
+        token = _fence(fence_token)
+        output_text = self._engine.encode(output, "task output")
+        return self._finish(eid, wid, token, conn, "COMPLETED", output_text)
+
+    def fail_task(
+        self,
+        execution_id: UUID | str,
+        worker_id: UUID | str,
+        fence_token: int,
+        error: Any = None,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> TaskExecution:
+        """Record a failed attempt from the current lease holder; the retry policy decides what follows."""
+        eid = as_uuid(execution_id, "execution_id")
+        wid = as_uuid(worker_id, "worker_id")
+        token = _fence(fence_token)
+        if not isinstance(error, dict):
+            error = {"message": error if isinstance(error, str) else json.dumps(error, default=repr)}
+        error_text = self._engine.encode(error, "task error")
+        return self._finish(eid, wid, token, conn, "FAILED", error_text)
+
+    def _finish(
+        self, eid: UUID, wid: UUID, token: int, conn: psycopg.Connection[Any] | None, outcome: str, text: str
+    ) -> TaskExecution:
+        repos = self._engine.repos
+        with self._engine.transaction(conn) as c:
+            current = repos.executions.task_get(c, eid)
+            if current is None:
+                raise FencingError(f"no execution {eid}", execution_id=eid, fence_token=token)
+            unit = self._engine.lock(c, current["workflow_instance_id"])
+            params = {"execution_id": eid, "worker_id": wid, "fence_token": token}
+            if outcome == "COMPLETED":
+                row = repos.executions.task_complete_if_fenced(c, output=text, **params)
+            else:
+                row = repos.executions.task_fail_if_fenced(c, error=text, **params)
+            if row is None:
+                latest = repos.executions.task_get(c, eid)
+                assert latest is not None
+                if latest["state"] == outcome and latest["lease_holder"] == wid and latest["fence_token"] == token:
+                    return execution_from_row(latest)  # a retried call whose first try committed
+                raise FencingError(
+                    f"execution {eid} is not held by worker {wid} with fence token {token} "
+                    f"(state {latest['state']}, token {latest['fence_token']})",
+                    execution_id=eid,
+                    fence_token=token,
+                )
+            if outcome == "COMPLETED":
+                unit.task_completed(row)
+            else:
+                unit.task_failed(row)
+            unit.flush()
+        return execution_from_row(row)
+
+    def renew_lease(self, execution_id: UUID | str, worker_id: UUID | str) -> bool:
+        """Extend the lease to now + lease_duration; False when the worker no longer holds it."""
+        eid = as_uuid(execution_id, "execution_id")
+        return eid in self.renew_leases([eid], worker_id)
+
+    def renew_leases(self, execution_ids: Iterable[UUID | str], worker_id: UUID | str) -> set[UUID]:
+        """Renew many leases in one statement; return the ids still held."""
+        ids = [as_uuid(e, "execution_id") for e in execution_ids]
+        wid = as_uuid(worker_id, "worker_id")
+        if not ids:
+            return set()
+        with self._engine.transaction() as c:
+            return self._engine.repos.executions.task_renew_many_if_held(c, ids, wid, self._config.lease_duration)
+
+    # -- operator actions ------------------------------------------------------------------------
+
+    def retry_task(
+        self,
+        workflow_instance_id: UUID | str,
+        task_id: str,
+        input: Any = None,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> TaskExecution:
+        """Schedule a new attempt of a task whose latest attempt FAILED; a FAILED workflow resumes."""
+        iid = as_uuid(workflow_instance_id, "workflow_instance_id")
+        input_text = None if input is None else self._engine.encode(input, "task input")
+        repos = self._engine.repos
+        with self._engine.transaction(conn) as c:
+            unit = self._engine.lock(c, iid)
+            if not isinstance(task_id, str) or task_id not in unit.definition.by_id:
+                raise TaskNotFoundError(f"workflow {iid} has no task {task_id!r}")
+            latest = repos.executions.task_latest_for_task(c, iid, task_id)
+            if latest is None or latest["state"] != "FAILED":
+                state = "none" if latest is None else latest["state"]
+                raise InvalidStateError(f"task {task_id!r} cannot be retried: its latest attempt is {state}", state=state)
+            if unit.state not in (W.FAILED, W.RUNNING, W.PAUSED, W.COMPENSATING):
+                raise InvalidStateError(f"cannot retry a task of a {unit.state.value} workflow", state=unit.state.value)
+            if latest["kind"] == FORWARD and unit.state is W.COMPENSATING:
+                raise InvalidStateError("forward work stopped when compensation started", state=unit.state.value)
+            new = unit.schedule_attempt(latest, delay_s=0, manual=True, input_text=input_text)
+            if unit.state is W.FAILED:
+                if latest["kind"] == COMPENSATION:
+                    unit.move(W.COMPENSATING, EventType.COMPENSATION_RESUMED, {"retried_task": task_id})
+                else:
+                    unit.move(W.RUNNING, EventType.WORKFLOW_RETRIED, {"retried_task": task_id})
+            unit.flush()
+        return execution_from_row(new)
+

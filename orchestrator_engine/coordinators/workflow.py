@@ -1,0 +1,281 @@
+"""WorkflowCoordinator: definitions, idempotent start, lifecycle control and history."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from ..config import EngineConfig
+from ..definitions import WorkflowDefinition, check_name
+from ..errors import (
+    DefinitionConflictError,
+    InvalidDefinitionError,
+    InvalidStateError,
+    TaskNotFoundError,
+    WorkflowNotFoundError,
+)
+from ..models import (
+    EventType,
+    TaskExecution,
+    WorkflowEvent,
+    WorkflowInstance,
+    WorkflowState,
+    event_from_row,
+    execution_from_row,
+    instance_from_row,
+)
+from ._engine import Engine
+from ._ids import as_uuid
+from ._unit import COMPENSATION, FORWARD, InstanceUnit, execution_key
+
+W = WorkflowState
+MAX_RUN_ID = 256
+
+
+@dataclass(frozen=True)
+class StartWorkflowRequest:
+    """Ask for one run of a workflow; ``run_id`` makes the start idempotent."""
+
+    namespace: str
+    workflow_name: str
+    run_id: str
+    input: Any = None
+    version: int | None = None
+
+
+class WorkflowCoordinator:
+    """Register definitions, start workflows and control their lifecycle.
+
+    Each method is one transaction. Writes accept ``conn=`` to run inside the caller's open transaction
+    (as a savepoint), so a host can start a workflow atomically with its own business writes.
+    """
+
+    def __init__(self, pool: ConnectionPool[Any], config: EngineConfig, *, engine: Engine | None = None) -> None:
+        self._engine = engine or Engine(pool, config)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # -- definitions -----------------------------------------------------------------------------
+
+    def register_workflow(
+        self, definition: WorkflowDefinition, *, conn: psycopg.Connection[Any] | None = None
+    ) -> WorkflowDefinition:
+        """Store a validated definition; registering the identical body again is a no-op."""
+        if not isinstance(definition, WorkflowDefinition):
+            raise TypeError(f"register_workflow takes a WorkflowDefinition, got {type(definition).__name__}")
+        repos = self._engine.repos
+        with self._engine.transaction(conn) as c:
+            repos.definitions.definition_insert_if_absent(
+                c,
+                namespace=definition.namespace,
+                name=definition.name,
+                version=definition.version,
+                definition=json.dumps(definition.to_json()),
+                content_hash=definition.content_hash,
+            )
+            row = repos.definitions.definition_get(c, definition.namespace, definition.name, definition.version)
+        assert row is not None
+        if row["content_hash"] != definition.content_hash:
+            raise DefinitionConflictError(
+                f"{definition.namespace}/{definition.name} version {definition.version} is already registered "
+                "with a different body; register it under a new version"
+            )
+        return definition
+
+    def get_definition(self, namespace: str, name: str, version: int | None = None) -> WorkflowDefinition:
+        """Return a registered definition (the latest version when ``version`` is None)."""
+        with self._engine.reading() as c:
+            return self._resolve(c, namespace, name, version)
+
+    def _resolve(self, c: psycopg.Connection[Any], namespace: str, name: str, version: int | None) -> WorkflowDefinition:
+        if version is None:
+            row = self._engine.repos.definitions.definition_get_latest(c, namespace, name)
+            if row is None:
+                raise WorkflowNotFoundError(f"no workflow {namespace}/{name} is registered")
+            version = int(row["version"])
+        return self._engine.definition(c, namespace, name, version)
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def start_workflow(
+        self, request: StartWorkflowRequest, *, conn: psycopg.Connection[Any] | None = None
+    ) -> WorkflowInstance:
+        """Start a run, or return the existing one for the same (namespace, workflow_name, run_id)."""
+        input_text = self._check_request(request)
+        with self._engine.transaction(conn) as c:
+            return self._start(c, request, input_text)
+
+    def start_workflows(
+        self, requests: list[StartWorkflowRequest], *, conn: psycopg.Connection[Any] | None = None
+    ) -> list[WorkflowInstance]:
+        """Start many runs in one transaction; each is idempotent per run_id like ``start_workflow``."""
+        checked = [(r, self._check_request(r)) for r in requests]
+        with self._engine.transaction(conn) as c:
+            return [self._start(c, r, text) for r, text in checked]
+
+    def _check_request(self, request: StartWorkflowRequest) -> str:
+        if not isinstance(request, StartWorkflowRequest):
+            raise TypeError(f"expected a StartWorkflowRequest, got {type(request).__name__}")
+        try:
+            check_name(request.namespace, "namespace")
+            check_name(request.workflow_name, "workflow name")
+        except InvalidDefinitionError as exc:
+            raise ValueError(str(exc)) from None
+        if not isinstance(request.run_id, str) or not request.run_id or len(request.run_id) > MAX_RUN_ID:
+            raise ValueError(f"run_id must be a non-empty string of at most {MAX_RUN_ID} characters")
+        if "\x00" in request.run_id:
+            raise ValueError("run_id must not contain NUL characters")
+        try:
+            request.run_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("run_id must be valid Unicode") from None
+        if request.version is not None and (isinstance(request.version, bool) or not isinstance(request.version, int)):
+            raise TypeError("version must be an int or None")
+        return self._engine.encode(request.input, "workflow input")
+
+    def _start(self, c: psycopg.Connection[Any], request: StartWorkflowRequest, input_text: str) -> WorkflowInstance:
+        repos = self._engine.repos
+        existing = repos.instances.workflow_get_by_run_id(c, request.namespace, request.workflow_name, request.run_id)
+        if existing is not None:
+            return instance_from_row(existing)
+        definition = self._resolve(c, request.namespace, request.workflow_name, request.version)
+        instance_id = uuid.uuid4()
+        row = repos.instances.workflow_insert_if_absent(
+            c,
+            instance_id=instance_id,
+            namespace=request.namespace,
+            workflow_name=request.workflow_name,
+            workflow_version=definition.version,
+            run_id=request.run_id,
+            input=input_text,
+            pending_tasks=len(definition.tasks),
+        )
+        if row is None:
+            # another caller inserted the same run_id first; ON CONFLICT waited for its commit
+            winner = repos.instances.workflow_get_by_run_id(c, request.namespace, request.workflow_name, request.run_id)
+            assert winner is not None
+            return instance_from_row(winner)
+        unit = InstanceUnit(self._engine, c, row, definition)
+        unit.emit(
+            EventType.WORKFLOW_STARTED,
+            {"run_id": request.run_id, "workflow_version": definition.version},
+            key="started",
+        )
+        workflow_input = json.loads(input_text)
+        rows = [
+            {
+                "execution_id": str(uuid.uuid4()),
+                "workflow_instance_id": str(instance_id),
+                "namespace": request.namespace,
+                "task_id": t.task_id,
+                "task_type": t.type,
+                "kind": FORWARD,
+                "idempotency_key": execution_key(instance_id, FORWARD, t.task_id, 1),
+                "attempt_number": 1,
+                "lapse_count": 0,
+                "max_attempts": t.retry.max_attempts,
+                "state": "PENDING" if t.depends_on else "READY",
+                "depends_on": list(t.depends_on),
+                "deps_remaining": len(t.depends_on),
+                "input": None if t.depends_on else {"workflow": workflow_input, "dependencies": {}},
+                "timeout_ms": None if t.timeout is None else round(t.timeout.total_seconds() * 1000),
+            }
+            for t in definition.tasks
+        ]
+        unit.scheduled_events(repos.executions.task_insert_many(c, rows))
+        return instance_from_row(unit.flush())
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def get_workflow(self, instance_id: UUID | str) -> WorkflowInstance:
+        """Return one instance; unknown ids raise WorkflowNotFoundError."""
+        iid = as_uuid(instance_id, "instance_id")
+        with self._engine.reading() as c:
+            row = self._engine.repos.instances.workflow_get(c, iid)
+        if row is None:
+            raise WorkflowNotFoundError(f"no workflow instance {iid}")
+        return instance_from_row(row)
+
+    def find_workflow(self, namespace: str, workflow_name: str, run_id: str) -> WorkflowInstance | None:
+        """Return the instance started with this run_id, if any."""
+        with self._engine.reading() as c:
+            row = self._engine.repos.instances.workflow_get_by_run_id(c, namespace, workflow_name, run_id)
+        return None if row is None else instance_from_row(row)
+
+    def list_tasks(self, instance_id: UUID | str) -> list[TaskExecution]:
+        """Return every execution of the instance, every attempt, oldest first."""
+        iid = as_uuid(instance_id, "instance_id")
+        with self._engine.reading() as c:
+            if self._engine.repos.instances.workflow_get(c, iid) is None:
+                raise WorkflowNotFoundError(f"no workflow instance {iid}")
+            rows = self._engine.repos.executions.task_list_for_instance(c, iid)
+        return [execution_from_row(r) for r in rows]
+
+    def get_history(self, instance_id: UUID | str) -> list[WorkflowEvent]:
+        """Return the instance's events ordered by sequence_number (1..n, no gaps)."""
+        iid = as_uuid(instance_id, "instance_id")
+        with self._engine.reading() as c:
+            if self._engine.repos.instances.workflow_get(c, iid) is None:
+                raise WorkflowNotFoundError(f"no workflow instance {iid}")
+            rows = self._engine.repos.events.event_list_for_instance(c, iid)
+        return [event_from_row(r) for r in rows]
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def pause_workflow(self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None) -> WorkflowInstance:
+        """Stop handing out the instance's tasks; leased tasks may still complete."""
+        return self._control(instance_id, conn, W.PAUSED, EventType.WORKFLOW_PAUSED)
+
+    def resume_workflow(self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None) -> WorkflowInstance:
+        """Hand out the instance's tasks again."""
+        return self._control(instance_id, conn, W.RUNNING, EventType.WORKFLOW_RESUMED)
+
+    def cancel_workflow(self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None) -> WorkflowInstance:
+        """End the instance: open executions are cancelled and running leases revoked."""
+        return self._control(instance_id, conn, W.CANCELLED, EventType.WORKFLOW_CANCELLED)
+
+    def _control(
+        self, instance_id: UUID | str, conn: psycopg.Connection[Any] | None, target: WorkflowState, event: EventType
+    ) -> WorkflowInstance:
+        iid = as_uuid(instance_id, "instance_id")
+        with self._engine.transaction(conn) as c:
+            unit = self._engine.lock(c, iid)
+            if unit.state is target:
+                return instance_from_row(unit.row)  # repeating a control call is a no-op
+            if target is W.RUNNING and unit.state is not W.PAUSED:
+                raise InvalidStateError(f"cannot resume a {unit.state.value} workflow", state=unit.state.value)
+            payload: dict[str, Any] = {"from": unit.state.value}
+            unit.move(target, event, payload)
+            if target is W.CANCELLED:
+                payload["cancelled_executions"] = unit.stop_open_work(None)
+            if target is W.RUNNING:
+                unit.scheduled = True  # wake workers: the instance's ready tasks are eligible again
+            return instance_from_row(unit.flush())
+
+    def trigger_compensation(
+        self, instance_id: UUID | str, from_task_id: str, *, conn: psycopg.Connection[Any] | None = None
+    ) -> WorkflowInstance:
+        """Stop forward work and undo ``from_task_id``, what it depends on and what depends on it."""
+        iid = as_uuid(instance_id, "instance_id")
+        with self._engine.transaction(conn) as c:
+            unit = self._engine.lock(c, iid)
+            if not isinstance(from_task_id, str) or from_task_id not in unit.definition.by_id:
+                raise TaskNotFoundError(f"workflow {iid} has no task {from_task_id!r}")
+            if unit.state not in (W.RUNNING, W.PAUSED, W.FAILED) or unit.pending_compensations or any(
+                r["kind"] == COMPENSATION for r in self._engine.repos.executions.task_list_for_instance(c, iid)
+            ):
+                raise InvalidStateError(
+                    f"cannot compensate a {unit.state.value} workflow (use retry_task to resume a failed compensation)",
+                    state=unit.state.value,
+                )
+            scope = {from_task_id} | unit.definition.ancestors(from_task_id) | unit.definition.descendants(from_task_id)
+            unit.start_compensation(scope, {"trigger": "manual", "from_task": from_task_id})
+            return instance_from_row(unit.flush())

@@ -1,0 +1,40 @@
+"""Shared plumbing of the repositories: run a named statement, map driver errors once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .._errors_map import translate
+from ..sql import queries
+
+Row = dict[str, Any]
+
+
+class Repository:
+    """Run named statements of one schema on a caller-owned connection."""
+
+    def __init__(self, schema: str) -> None:
+        self._q = queries(schema)
+
+    def _all(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[Row]:
+        try:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(self._q[name], params)
+                return cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+
+    def _one(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> Row | None:
+        rows = self._all(conn, name, params)
+        return rows[0] if rows else None
+
+    def _run(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> int:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._q[name], params)
+                return cur.rowcount
+        except psycopg.Error as exc:
+            raise translate(exc) from exc

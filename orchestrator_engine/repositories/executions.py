@@ -1,0 +1,77 @@
+"""Statements on ``task_executions`` (and the ``execution_leases`` rows that fence them)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from .base import Repository, Row
+
+
+class ExecutionRepository(Repository):
+    def task_insert_many(self, conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> list[Row]:
+        return self._all(conn, "task_insert_many", {"rows": json.dumps(rows, default=str)})
+
+    def task_insert_retry(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
+        return self._one(conn, "task_insert_retry", params)
+
+    def task_get(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Row | None:
+        return self._one(conn, "task_get", {"execution_id": execution_id})
+
+    def task_list_for_instance(self, conn: psycopg.Connection[Any], instance_id: UUID) -> list[Row]:
+        return self._all(conn, "task_list_for_instance", {"instance_id": instance_id})
+
+    def task_latest_for_task(self, conn: psycopg.Connection[Any], instance_id: UUID, task_id: str) -> Row | None:
+        return self._one(conn, "task_latest_for_task", {"instance_id": instance_id, "task_id": task_id})
+
+    def task_completed_forward(self, conn: psycopg.Connection[Any], instance_id: UUID) -> list[Row]:
+        return self._all(conn, "task_completed_forward", {"instance_id": instance_id})
+
+    def task_lease_if_acquirable(
+        self, conn: psycopg.Connection[Any], execution_id: UUID, worker_id: UUID, lease: timedelta
+    ) -> Row | None:
+        params = {"execution_id": execution_id, "worker_id": worker_id, "lease": lease}
+        return self._one(conn, "task_lease_if_acquirable", params)
+
+    def task_poll_and_lease(self, conn: psycopg.Connection[Any], **params: Any) -> list[Row]:
+        return self._all(conn, "task_poll_and_lease", params)
+
+    def task_select_lapsed(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
+        return self._all(conn, "task_select_lapsed", {"limit": limit})
+
+    def task_requeue_if_lapsed(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Row | None:
+        return self._one(conn, "task_requeue_if_lapsed", {"execution_id": execution_id})
+
+    def task_fail_if_lapsed(
+        self, conn: psycopg.Connection[Any], execution_id: UUID, error: str, lapse: int
+    ) -> Row | None:
+        params = {"execution_id": execution_id, "error": error, "lapse": lapse}
+        return self._one(conn, "task_fail_if_lapsed", params)
+
+    def task_complete_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
+        return self._one(conn, "task_complete_if_fenced", params)
+
+    def task_fail_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
+        return self._one(conn, "task_fail_if_fenced", params)
+
+    def task_renew_many_if_held(
+        self, conn: psycopg.Connection[Any], execution_ids: list[UUID], worker_id: UUID, lease: timedelta
+    ) -> set[UUID]:
+        params = {"execution_ids": execution_ids, "worker_id": worker_id, "lease": lease}
+        return {row["execution_id"] for row in self._all(conn, "task_renew_many_if_held", params)}
+
+    def task_release_dependents(
+        self, conn: psycopg.Connection[Any], instance_id: UUID, task_id: str, kind: str
+    ) -> list[Row]:
+        params = {"instance_id": instance_id, "task_id": task_id, "kind": kind}
+        return self._all(conn, "task_release_dependents", params)
+
+    def task_cancel_open(self, conn: psycopg.Connection[Any], instance_id: UUID, kind: str | None) -> list[Row]:
+        return self._all(conn, "task_cancel_open", {"instance_id": instance_id, "kind": kind})
+
+    def task_lease_delete(self, conn: psycopg.Connection[Any], execution_ids: list[UUID]) -> int:
+        return self._run(conn, "task_lease_delete", {"execution_ids": execution_ids})

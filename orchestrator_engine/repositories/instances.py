@@ -1,0 +1,37 @@
+"""Statements on ``workflow_instances``."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from .base import Repository, Row
+
+
+class InstanceRepository(Repository):
+    def workflow_insert_if_absent(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
+        return self._one(conn, "workflow_insert_if_absent", params)
+
+    def workflow_get(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:
+        return self._one(conn, "workflow_get", {"instance_id": instance_id})
+
+    def workflow_get_by_run_id(
+        self, conn: psycopg.Connection[Any], namespace: str, workflow_name: str, run_id: str
+    ) -> Row | None:
+        params = {"namespace": namespace, "workflow_name": workflow_name, "run_id": run_id}
+        return self._one(conn, "workflow_get_by_run_id", params)
+
+    def workflow_lock(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:
+        return self._one(conn, "workflow_lock", {"instance_id": instance_id})
+
+    def workflow_update_if_sequence(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
+        return self._one(conn, "workflow_update_if_sequence", params)
+
+    def workflow_collect_output(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Any:
+        row = self._one(conn, "workflow_collect_output", {"instance_id": instance_id})
+        return row["output"] if row else {}
+
+    def maintenance_purge_batch(self, conn: psycopg.Connection[Any], **params: Any) -> list[Row]:
+        return self._all(conn, "maintenance_purge_batch", params)

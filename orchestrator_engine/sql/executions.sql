@@ -1,0 +1,211 @@
+-- name: task_insert_many
+INSERT INTO {schema}.task_executions
+    (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,
+     attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at)
+SELECT r.execution_id, r.workflow_instance_id, r.namespace, r.task_id, r.task_type, r.kind, r.idempotency_key,
+       r.attempt_number, r.lapse_count, r.max_attempts, r.state, r.depends_on, r.deps_remaining, r.input,
+       make_interval(secs => r.timeout_ms / 1000.0),
+       CASE WHEN r.state = 'READY' THEN now() END
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
+    execution_id uuid, workflow_instance_id uuid, namespace text, task_id text, task_type text, kind text,
+    idempotency_key text, attempt_number integer, lapse_count integer, max_attempts integer, state text,
+    depends_on text[], deps_remaining integer, input jsonb, timeout_ms bigint)
+RETURNING *
+
+-- name: task_insert_retry
+-- A new attempt copies the failed one; lapse_count carries over so lapses keep counting against
+-- max_attempts across attempts.
+INSERT INTO {schema}.task_executions
+    (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,
+     attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at)
+SELECT %(new_execution_id)s, e.workflow_instance_id, e.namespace, e.task_id, e.task_type, e.kind,
+       %(idempotency_key)s, e.attempt_number + 1, e.lapse_count,
+       GREATEST(e.max_attempts, %(min_max_attempts)s), 'READY', e.depends_on, 0,
+       COALESCE(%(input)s::jsonb, e.input), e.timeout, now() + make_interval(secs => %(delay_s)s)
+FROM {schema}.task_executions e
+WHERE e.execution_id = %(execution_id)s
+RETURNING *
+
+-- name: task_get
+SELECT * FROM {schema}.task_executions WHERE execution_id = %(execution_id)s
+
+-- name: task_list_for_instance
+SELECT * FROM {schema}.task_executions
+WHERE workflow_instance_id = %(instance_id)s
+ORDER BY created_at, task_id, attempt_number
+
+-- name: task_latest_for_task
+SELECT * FROM {schema}.task_executions
+WHERE workflow_instance_id = %(instance_id)s AND task_id = %(task_id)s
+ORDER BY created_at DESC, attempt_number DESC
+LIMIT 1
+
+-- name: task_completed_forward
+SELECT * FROM {schema}.task_executions
+WHERE workflow_instance_id = %(instance_id)s AND kind = 'FORWARD' AND state = 'COMPLETED'
+
+-- name: task_lease_if_acquirable
+-- Grant one execution; the fence comes from execution_leases, so every grant of an execution gets a
+-- token greater than all earlier ones, even across lease rows being rewritten.
+WITH picked AS (
+    SELECT e.execution_id, e.workflow_instance_id, e.timeout
+    FROM {schema}.task_executions e
+    WHERE e.execution_id = %(execution_id)s AND e.state = 'READY' AND e.ready_at <= now()
+    FOR NO KEY UPDATE
+), lease AS (
+    INSERT INTO {schema}.execution_leases AS l (lease_key, workflow_instance_id, holder_id, expires_at, fence_token)
+    SELECT p.execution_id, p.workflow_instance_id, %(worker_id)s,
+           now() + LEAST(%(lease)s::interval, COALESCE(p.timeout, %(lease)s::interval)), 1
+    FROM picked p
+    ON CONFLICT (lease_key) DO UPDATE
+        SET holder_id = EXCLUDED.holder_id, expires_at = EXCLUDED.expires_at, fence_token = l.fence_token + 1
+    RETURNING l.lease_key, l.fence_token, l.expires_at
+)
+UPDATE {schema}.task_executions e
+SET state = 'RUNNING', lease_holder = %(worker_id)s, lease_expires_at = lease.expires_at,
+    fence_token = lease.fence_token, started_at = now(),
+    deadline_at = now() + e.timeout
+FROM lease
+WHERE e.execution_id = lease.lease_key
+RETURNING e.*
+
+-- name: task_poll_and_lease
+-- Pick the oldest ready executions of running workflows, lease them, write one TASK_STARTED event each
+-- and advance each instance's sequence, all in one statement. SKIP LOCKED on both the execution and its
+-- instance row means a poller never waits, so it can never be part of a lock cycle.
+WITH picked AS (
+    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at, w.sequence_number AS seq0
+    FROM {schema}.task_executions e
+    JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
+    WHERE e.state = 'READY' AND e.ready_at <= now()
+      AND w.state IN ('RUNNING', 'COMPENSATING')
+      AND (%(namespace)s::text IS NULL OR e.namespace = %(namespace)s::text)
+      AND (%(task_types)s::text[] IS NULL OR e.task_type = ANY(%(task_types)s::text[]))
+    ORDER BY e.ready_at
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE OF e, w SKIP LOCKED
+), numbered AS (
+    SELECT p.*,
+           row_number() OVER (PARTITION BY p.workflow_instance_id ORDER BY p.ready_at, p.execution_id) AS rn,
+           count(*) OVER (PARTITION BY p.workflow_instance_id) AS cnt
+    FROM picked p
+), lease AS (
+    INSERT INTO {schema}.execution_leases AS l (lease_key, workflow_instance_id, holder_id, expires_at, fence_token)
+    SELECT n.execution_id, n.workflow_instance_id, %(worker_id)s,
+           now() + LEAST(%(lease)s::interval, COALESCE(n.timeout, %(lease)s::interval)), 1
+    FROM numbered n
+    ON CONFLICT (lease_key) DO UPDATE
+        SET holder_id = EXCLUDED.holder_id, expires_at = EXCLUDED.expires_at, fence_token = l.fence_token + 1
+    RETURNING l.lease_key, l.fence_token, l.expires_at
+), granted AS (
+    UPDATE {schema}.task_executions e
+    SET state = 'RUNNING', lease_holder = %(worker_id)s, lease_expires_at = lease.expires_at,
+        fence_token = lease.fence_token, started_at = now(), deadline_at = now() + e.timeout
+    FROM lease
+    WHERE e.execution_id = lease.lease_key
+    RETURNING e.*
+), started AS (
+    INSERT INTO {schema}.events
+        (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
+    SELECT gen_random_uuid(), g.workflow_instance_id, n.seq0 + n.rn,
+           CASE g.kind WHEN 'FORWARD' THEN 'TASK_STARTED' ELSE 'COMPENSATION_TASK_STARTED' END,
+           jsonb_build_object('execution_id', g.execution_id, 'task_id', g.task_id, 'kind', g.kind,
+                              'attempt', g.attempt_number, 'worker_id', g.lease_holder,
+                              'fence_token', g.fence_token),
+           g.workflow_instance_id::text || ':started:' || g.execution_id::text || ':' || g.fence_token::text
+    FROM granted g JOIN numbered n ON n.execution_id = g.execution_id
+    RETURNING 1
+), bumped AS (
+    UPDATE {schema}.workflow_instances w
+    SET sequence_number = s.seq0 + s.cnt, updated_at = now()
+    FROM (SELECT DISTINCT workflow_instance_id, seq0, cnt FROM numbered) s
+    WHERE w.instance_id = s.workflow_instance_id AND w.sequence_number = s.seq0
+    RETURNING 1
+)
+SELECT g.*,
+       (SELECT count(*) FROM bumped) AS bumped_instances,
+       (SELECT count(DISTINCT workflow_instance_id) FROM numbered) AS picked_instances,
+       (SELECT count(*) FROM started) AS started_events
+FROM granted g
+ORDER BY g.ready_at
+
+-- name: task_select_lapsed
+-- Lapsed leases, locked with their instance; SKIP LOCKED so reclaimers never wait on each other.
+SELECT e.execution_id, e.workflow_instance_id
+FROM {schema}.task_executions e
+JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
+WHERE e.state = 'RUNNING' AND e.lease_expires_at < now()
+ORDER BY e.lease_expires_at
+LIMIT %(limit)s
+FOR NO KEY UPDATE OF e, w SKIP LOCKED
+
+-- name: task_requeue_if_lapsed
+UPDATE {schema}.task_executions
+SET state = 'READY', lapse_count = lapse_count + 1, lease_holder = NULL, lease_expires_at = NULL,
+    deadline_at = NULL
+WHERE execution_id = %(execution_id)s AND state = 'RUNNING' AND lease_expires_at < now()
+RETURNING *
+
+-- name: task_fail_if_lapsed
+UPDATE {schema}.task_executions
+SET state = 'FAILED', error = %(error)s::jsonb, finished_at = now(), lapse_count = lapse_count + %(lapse)s
+WHERE execution_id = %(execution_id)s AND state = 'RUNNING' AND lease_expires_at < now()
+RETURNING *
+
+-- name: task_complete_if_fenced
+UPDATE {schema}.task_executions
+SET state = 'COMPLETED', output = %(output)s::jsonb, finished_at = now()
+WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
+  AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
+RETURNING *
+
+-- name: task_fail_if_fenced
+UPDATE {schema}.task_executions
+SET state = 'FAILED', error = %(error)s::jsonb, finished_at = now()
+WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
+  AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
+RETURNING *
+
+-- name: task_renew_many_if_held
+-- A lease past its task's timeout is not renewable: the attempt is then treated as failed.
+WITH renewed AS (
+    UPDATE {schema}.task_executions
+    SET lease_expires_at = LEAST(now() + %(lease)s::interval, COALESCE(deadline_at, 'infinity'))
+    WHERE execution_id = ANY(%(execution_ids)s::uuid[]) AND state = 'RUNNING'
+      AND lease_holder = %(worker_id)s AND (deadline_at IS NULL OR deadline_at > now())
+    RETURNING execution_id, lease_expires_at
+), leases AS (
+    UPDATE {schema}.execution_leases l SET expires_at = r.lease_expires_at
+    FROM renewed r WHERE l.lease_key = r.execution_id
+    RETURNING 1
+)
+SELECT execution_id FROM renewed
+
+-- name: task_release_dependents
+-- One dependency of each waiting execution completed; those with none left become READY with their
+-- input built from their dependencies' outputs (compensations keep the input they were created with).
+UPDATE {schema}.task_executions e
+SET deps_remaining = e.deps_remaining - 1,
+    state = CASE WHEN e.deps_remaining = 1 THEN 'READY' ELSE 'PENDING' END,
+    ready_at = CASE WHEN e.deps_remaining = 1 THEN now() END,
+    input = CASE WHEN e.deps_remaining = 1 AND e.kind = 'FORWARD' THEN
+        jsonb_build_object(
+            'workflow', (SELECT w.input FROM {schema}.workflow_instances w WHERE w.instance_id = e.workflow_instance_id),
+            'dependencies', (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
+                             FROM {schema}.task_executions d
+                             WHERE d.workflow_instance_id = e.workflow_instance_id AND d.kind = 'FORWARD'
+                               AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on)))
+        ELSE e.input END
+WHERE e.workflow_instance_id = %(instance_id)s AND e.kind = %(kind)s AND e.state = 'PENDING'
+  AND %(task_id)s = ANY(e.depends_on)
+RETURNING e.*
+
+-- name: task_cancel_open
+UPDATE {schema}.task_executions
+SET state = 'CANCELLED', finished_at = now()
+WHERE workflow_instance_id = %(instance_id)s AND state IN ('PENDING', 'READY', 'RUNNING')
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+RETURNING *
+
+-- name: task_lease_delete
+DELETE FROM {schema}.execution_leases WHERE lease_key = ANY(%(execution_ids)s::uuid[])
