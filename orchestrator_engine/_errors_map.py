@@ -7,7 +7,6 @@ from psycopg import errors as pgerr
 
 from .errors import ConcurrencyConflictError, DatabaseError, OrchestratorError, PayloadError
 
-
 _CONSTRAINT_ERRORS: dict[str, type[OrchestratorError]] = {
     "uk_events_sequence": ConcurrencyConflictError,
 }
@@ -20,7 +19,9 @@ def translate(exc: psycopg.Error) -> Exception:
         return exc
     if isinstance(exc, (pgerr.SerializationFailure, pgerr.DeadlockDetected, pgerr.LockNotAvailable)):
         return ConcurrencyConflictError(f"concurrent update conflict: {exc.sqlstate}")
-    if isinstance(exc, (pgerr.UntranslatableCharacter, pgerr.InvalidTextRepresentation, pgerr.CharacterNotInRepertoire)):
+    if isinstance(
+        exc, (pgerr.UntranslatableCharacter, pgerr.InvalidTextRepresentation, pgerr.CharacterNotInRepertoire)
+    ):
         return PayloadError(f"the database refused a value: {exc.diag.message_primary}")
     constraint = exc.diag.constraint_name
     if constraint and constraint in _CONSTRAINT_ERRORS:

@@ -67,11 +67,19 @@ class RetryPolicy:
         _check_duration(self.max_interval, "max_interval")
         if self.max_interval < self.initial_interval:
             raise InvalidDefinitionError("max_interval must not be shorter than initial_interval")
-        if not isinstance(self.backoff_coefficient, (int, float)) or isinstance(self.backoff_coefficient, bool):
+        if not isinstance(self.backoff_coefficient, (int, float)) or isinstance(
+            self.backoff_coefficient, bool
+        ):
             raise InvalidDefinitionError("backoff_coefficient must be a number")
         if not 1.0 <= self.backoff_coefficient <= 100.0:
-            raise InvalidDefinitionError(f"backoff_coefficient must be in [1, 100], got {self.backoff_coefficient}")
-        if not isinstance(self.jitter, (int, float)) or isinstance(self.jitter, bool) or not 0 <= self.jitter <= 1:
+            raise InvalidDefinitionError(
+                f"backoff_coefficient must be in [1, 100], got {self.backoff_coefficient}"
+            )
+        if (
+            not isinstance(self.jitter, (int, float))
+            or isinstance(self.jitter, bool)
+            or not 0 <= self.jitter <= 1
+        ):
             raise InvalidDefinitionError(f"jitter must be a number in [0, 1], got {self.jitter!r}")
 
     def delay_after(self, attempt: int, rng: random.Random | None = None) -> timedelta:
@@ -129,7 +137,9 @@ class TaskDefinition:
     ) -> None:
         check_name(task_id, "task_id")
         if isinstance(depends_on, str):
-            raise InvalidDefinitionError(f"depends_on of {task_id!r} must be a list of task ids, not a string")
+            raise InvalidDefinitionError(
+                f"depends_on of {task_id!r} must be a list of task ids, not a string"
+            )
         deps = tuple(depends_on)
         for dep in deps:
             check_name(dep, f"dependency of {task_id!r}")
@@ -188,11 +198,16 @@ class WorkflowDefinition:
     def __post_init__(self) -> None:
         check_name(self.namespace, "namespace")
         check_name(self.name, "workflow name")
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or not 1 <= self.version < 2**31:
+        if (
+            isinstance(self.version, bool)
+            or not isinstance(self.version, int)
+            or not 1 <= self.version < 2**31
+        ):
             raise InvalidDefinitionError(f"version must be a positive int, got {self.version!r}")
-        if isinstance(self.tasks, (str, bytes)) or not isinstance(self.tasks, Iterable):
+        raw: object = self.tasks
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
             raise InvalidDefinitionError("tasks must be a list of TaskDefinition")
-        tasks = tuple(self.tasks)
+        tasks = tuple(raw)
         object.__setattr__(self, "tasks", tasks)
         _validate_dag(self.name, tasks)
 
@@ -260,7 +275,9 @@ def _validate_dag(name: str, tasks: tuple[TaskDefinition, ...]) -> None:
     if not tasks:
         raise InvalidDefinitionError(f"workflow {name!r} has no tasks")
     if len(tasks) > MAX_TASKS:
-        raise InvalidDefinitionError(f"workflow {name!r} has {len(tasks)} tasks; at most {MAX_TASKS} are allowed")
+        raise InvalidDefinitionError(
+            f"workflow {name!r} has {len(tasks)} tasks; at most {MAX_TASKS} are allowed"
+        )
     ids: set[str] = set()
     for t in tasks:
         if not isinstance(t, TaskDefinition):

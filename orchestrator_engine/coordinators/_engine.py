@@ -54,7 +54,9 @@ class Engine:
     def encode(self, value: Any, what: str) -> str:
         return encode_payload(value, limit=self.config.max_payload_bytes, what=what)
 
-    def definition(self, conn: psycopg.Connection[Any], namespace: str, name: str, version: int) -> WorkflowDefinition:
+    def definition(
+        self, conn: psycopg.Connection[Any], namespace: str, name: str, version: int
+    ) -> WorkflowDefinition:
         """Return a stored definition; (namespace, name, version) never changes body, so it is cached."""
         key = (namespace, name, version)
         cached = self._definitions.get(key)

@@ -41,7 +41,9 @@ def execution_key(instance_id: UUID, kind: str, task_id: str, attempt: int) -> s
 class InstanceUnit:
     """Changes to one locked instance within one transaction."""
 
-    def __init__(self, engine: Engine, conn: psycopg.Connection[Any], row: Row, definition: WorkflowDefinition) -> None:
+    def __init__(
+        self, engine: Engine, conn: psycopg.Connection[Any], row: Row, definition: WorkflowDefinition
+    ) -> None:
         self.engine = engine
         self.repos = engine.repos
         self.conn = conn
@@ -111,7 +113,11 @@ class InstanceUnit:
                 self.scheduled = True
                 self.emit(
                     _event_name(row["kind"], "SCHEDULED"),
-                    {"execution_id": str(row["execution_id"]), "task_id": row["task_id"], "attempt": row["attempt_number"]},
+                    {
+                        "execution_id": str(row["execution_id"]),
+                        "task_id": row["task_id"],
+                        "attempt": row["attempt_number"],
+                    },
                     key=f"scheduled:{row['execution_id']}",
                 )
 
@@ -130,14 +136,20 @@ class InstanceUnit:
     def task_completed(self, row: Row) -> None:
         """Record an accepted completion and advance the DAG (or the compensation order)."""
         kind = row["kind"]
-        self.emit(_event_name(kind, "COMPLETED"), self._task_payload(row), key=f"completed:{row['execution_id']}")
+        self.emit(
+            _event_name(kind, "COMPLETED"), self._task_payload(row), key=f"completed:{row['execution_id']}"
+        )
         self.repos.executions.task_lease_delete(self.conn, [row["execution_id"]])
-        released = self.repos.executions.task_release_dependents(self.conn, self.instance_id, row["task_id"], kind)
+        released = self.repos.executions.task_release_dependents(
+            self.conn, self.instance_id, row["task_id"], kind
+        )
         self.scheduled_events(released)
         if kind == FORWARD:
             self.pending_tasks -= 1
             if self.pending_tasks == 0 and self.state in (W.RUNNING, W.PAUSED):
-                self.output = json.dumps(self.repos.instances.workflow_collect_output(self.conn, self.instance_id))
+                self.output = json.dumps(
+                    self.repos.instances.workflow_collect_output(self.conn, self.instance_id)
+                )
                 self.move(W.COMPLETED, EventType.WORKFLOW_COMPLETED, {})
         else:
             self.pending_compensations -= 1
@@ -161,7 +173,9 @@ class InstanceUnit:
             return
         self.terminal_failure(row)
 
-    def schedule_attempt(self, row: Row, *, delay_s: float, manual: bool, input_text: str | None = None) -> Row:
+    def schedule_attempt(
+        self, row: Row, *, delay_s: float, manual: bool, input_text: str | None = None
+    ) -> Row:
         attempt = row["attempt_number"] + 1
         new = self.repos.executions.task_insert_retry(
             self.conn,
@@ -192,15 +206,23 @@ class InstanceUnit:
     def terminal_failure(self, row: Row) -> None:
         if row["kind"] == COMPENSATION:
             if self.state is W.COMPENSATING:
-                self.move(W.FAILED, EventType.WORKFLOW_FAILED, {"compensation_failed": row["task_id"], "error": row["error"]})
+                self.move(
+                    W.FAILED,
+                    EventType.WORKFLOW_FAILED,
+                    {"compensation_failed": row["task_id"], "error": row["error"]},
+                )
             return
         if self.state not in (W.RUNNING, W.PAUSED):
             return  # already failed, or forward work was stopped by cancel/compensation
         completed = self.repos.executions.task_completed_forward(self.conn, self.instance_id)
         if any(self.definition.by_id[r["task_id"]].compensation for r in completed):
-            self.start_compensation({r["task_id"] for r in completed}, {"failed_task": row["task_id"]}, completed)
+            self.start_compensation(
+                {r["task_id"] for r in completed}, {"failed_task": row["task_id"]}, completed
+            )
         else:
-            self.move(W.FAILED, EventType.WORKFLOW_FAILED, {"failed_task": row["task_id"], "error": row["error"]})
+            self.move(
+                W.FAILED, EventType.WORKFLOW_FAILED, {"failed_task": row["task_id"], "error": row["error"]}
+            )
 
     def task_lapsed(self, row: Row) -> None:
         """Hand a lapsed lease back to the queue, or fail the attempt when it timed out or is out of tries."""
@@ -233,7 +255,9 @@ class InstanceUnit:
             self.repos.executions.task_lease_delete(self.conn, [r["execution_id"] for r in cancelled])
         return len(cancelled)
 
-    def start_compensation(self, candidates: set[str], cause: dict[str, Any], completed: list[Row] | None = None) -> None:
+    def start_compensation(
+        self, candidates: set[str], cause: dict[str, Any], completed: list[Row] | None = None
+    ) -> None:
         """Stop forward work and schedule the compensations of ``candidates`` that completed."""
         cancelled = self.stop_open_work(FORWARD)
         if completed is None:
@@ -269,7 +293,9 @@ class InstanceUnit:
                     "depends_on": waits_for,
                     "deps_remaining": len(waits_for),
                     "input": {"task_id": task_id, "input": done["input"], "output": done["output"]},
-                    "timeout_ms": None if task.timeout is None else round(task.timeout.total_seconds() * 1000),
+                    "timeout_ms": None
+                    if task.timeout is None
+                    else round(task.timeout.total_seconds() * 1000),
                 }
             )
         inserted = self.repos.executions.task_insert_many(self.conn, rows) if rows else []

@@ -31,7 +31,9 @@ def _fence(value: object) -> int:
 class TaskCoordinator:
     """Hand out task executions under leases and accept their results only from the lease holder."""
 
-    def __init__(self, pool: ConnectionPool[Any], config: EngineConfig, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, pool: ConnectionPool[Any], config: EngineConfig, *, engine: Engine | None = None
+    ) -> None:
         self._engine = engine or Engine(pool, config)
         self._config = config
 
@@ -56,11 +58,15 @@ class TaskCoordinator:
             row = repos.executions.task_get(c, eid)
             assert row is not None
             if row["state"] == "RUNNING":
-                unit.task_lapsed(row)  # guarded in SQL by lease_expires_at < now(): a live lease is left alone
+                unit.task_lapsed(
+                    row
+                )  # guarded in SQL by lease_expires_at < now(): a live lease is left alone
             granted = repos.executions.task_lease_if_acquirable(c, eid, wid, self._config.lease_duration)
             if granted is not None:
                 unit.emit(
-                    EventType.TASK_STARTED if granted["kind"] == FORWARD else EventType.COMPENSATION_TASK_STARTED,
+                    EventType.TASK_STARTED
+                    if granted["kind"] == FORWARD
+                    else EventType.COMPENSATION_TASK_STARTED,
                     {
                         "execution_id": str(eid),
                         "task_id": granted["task_id"],
@@ -173,7 +179,11 @@ class TaskCoordinator:
             if row is None:
                 latest = repos.executions.task_get(c, eid)
                 assert latest is not None
-                if latest["state"] == outcome and latest["lease_holder"] == wid and latest["fence_token"] == token:
+                if (
+                    latest["state"] == outcome
+                    and latest["lease_holder"] == wid
+                    and latest["fence_token"] == token
+                ):
                     return execution_from_row(latest)  # a retried call whose first try committed
                 raise FencingError(
                     f"execution {eid} is not held by worker {wid} with fence token {token} "
@@ -200,7 +210,9 @@ class TaskCoordinator:
         if not ids:
             return set()
         with self._engine.transaction() as c:
-            return self._engine.repos.executions.task_renew_many_if_held(c, ids, wid, self._config.lease_duration)
+            return self._engine.repos.executions.task_renew_many_if_held(
+                c, ids, wid, self._config.lease_duration
+            )
 
     # -- operator actions ------------------------------------------------------------------------
 
@@ -223,11 +235,17 @@ class TaskCoordinator:
             latest = repos.executions.task_latest_for_task(c, iid, task_id)
             if latest is None or latest["state"] != "FAILED":
                 state = "none" if latest is None else latest["state"]
-                raise InvalidStateError(f"task {task_id!r} cannot be retried: its latest attempt is {state}", state=state)
+                raise InvalidStateError(
+                    f"task {task_id!r} cannot be retried: its latest attempt is {state}", state=state
+                )
             if unit.state not in (W.FAILED, W.RUNNING, W.PAUSED, W.COMPENSATING):
-                raise InvalidStateError(f"cannot retry a task of a {unit.state.value} workflow", state=unit.state.value)
+                raise InvalidStateError(
+                    f"cannot retry a task of a {unit.state.value} workflow", state=unit.state.value
+                )
             if latest["kind"] == FORWARD and unit.state is W.COMPENSATING:
-                raise InvalidStateError("forward work stopped when compensation started", state=unit.state.value)
+                raise InvalidStateError(
+                    "forward work stopped when compensation started", state=unit.state.value
+                )
             new = unit.schedule_attempt(latest, delay_s=0, manual=True, input_text=input_text)
             if unit.state is W.FAILED:
                 if latest["kind"] == COMPENSATION:
@@ -236,4 +254,3 @@ class TaskCoordinator:
                     unit.move(W.RUNNING, EventType.WORKFLOW_RETRIED, {"retried_task": task_id})
             unit.flush()
         return execution_from_row(new)
-

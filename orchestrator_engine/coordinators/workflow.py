@@ -56,7 +56,9 @@ class WorkflowCoordinator:
     (as a savepoint), so a host can start a workflow atomically with its own business writes.
     """
 
-    def __init__(self, pool: ConnectionPool[Any], config: EngineConfig, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, pool: ConnectionPool[Any], config: EngineConfig, *, engine: Engine | None = None
+    ) -> None:
         self._engine = engine or Engine(pool, config)
 
     @property
@@ -81,12 +83,14 @@ class WorkflowCoordinator:
                 definition=json.dumps(definition.to_json()),
                 content_hash=definition.content_hash,
             )
-            row = repos.definitions.definition_get(c, definition.namespace, definition.name, definition.version)
+            row = repos.definitions.definition_get(
+                c, definition.namespace, definition.name, definition.version
+            )
         assert row is not None
         if row["content_hash"] != definition.content_hash:
             raise DefinitionConflictError(
-                f"{definition.namespace}/{definition.name} version {definition.version} is already registered "
-                "with a different body; register it under a new version"
+                f"{definition.namespace}/{definition.name} version {definition.version} is already "
+                "registered with a different body; register it under a new version"
             )
         return definition
 
@@ -95,7 +99,9 @@ class WorkflowCoordinator:
         with self._engine.reading() as c:
             return self._resolve(c, namespace, name, version)
 
-    def _resolve(self, c: psycopg.Connection[Any], namespace: str, name: str, version: int | None) -> WorkflowDefinition:
+    def _resolve(
+        self, c: psycopg.Connection[Any], namespace: str, name: str, version: int | None
+    ) -> WorkflowDefinition:
         if version is None:
             row = self._engine.repos.definitions.definition_get_latest(c, namespace, name)
             if row is None:
@@ -137,13 +143,19 @@ class WorkflowCoordinator:
             request.run_id.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("run_id must be valid Unicode") from None
-        if request.version is not None and (isinstance(request.version, bool) or not isinstance(request.version, int)):
+        if request.version is not None and (
+            isinstance(request.version, bool) or not isinstance(request.version, int)
+        ):
             raise TypeError("version must be an int or None")
         return self._engine.encode(request.input, "workflow input")
 
-    def _start(self, c: psycopg.Connection[Any], request: StartWorkflowRequest, input_text: str) -> WorkflowInstance:
+    def _start(
+        self, c: psycopg.Connection[Any], request: StartWorkflowRequest, input_text: str
+    ) -> WorkflowInstance:
         repos = self._engine.repos
-        existing = repos.instances.workflow_get_by_run_id(c, request.namespace, request.workflow_name, request.run_id)
+        existing = repos.instances.workflow_get_by_run_id(
+            c, request.namespace, request.workflow_name, request.run_id
+        )
         if existing is not None:
             return instance_from_row(existing)
         definition = self._resolve(c, request.namespace, request.workflow_name, request.version)
@@ -160,7 +172,9 @@ class WorkflowCoordinator:
         )
         if row is None:
             # another caller inserted the same run_id first; ON CONFLICT waited for its commit
-            winner = repos.instances.workflow_get_by_run_id(c, request.namespace, request.workflow_name, request.run_id)
+            winner = repos.instances.workflow_get_by_run_id(
+                c, request.namespace, request.workflow_name, request.run_id
+            )
             assert winner is not None
             return instance_from_row(winner)
         unit = InstanceUnit(self._engine, c, row, definition)
@@ -230,20 +244,30 @@ class WorkflowCoordinator:
 
     # -- control ---------------------------------------------------------------------------------
 
-    def pause_workflow(self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None) -> WorkflowInstance:
+    def pause_workflow(
+        self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None
+    ) -> WorkflowInstance:
         """Stop handing out the instance's tasks; leased tasks may still complete."""
         return self._control(instance_id, conn, W.PAUSED, EventType.WORKFLOW_PAUSED)
 
-    def resume_workflow(self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None) -> WorkflowInstance:
+    def resume_workflow(
+        self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None
+    ) -> WorkflowInstance:
         """Hand out the instance's tasks again."""
         return self._control(instance_id, conn, W.RUNNING, EventType.WORKFLOW_RESUMED)
 
-    def cancel_workflow(self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None) -> WorkflowInstance:
+    def cancel_workflow(
+        self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None
+    ) -> WorkflowInstance:
         """End the instance: open executions are cancelled and running leases revoked."""
         return self._control(instance_id, conn, W.CANCELLED, EventType.WORKFLOW_CANCELLED)
 
     def _control(
-        self, instance_id: UUID | str, conn: psycopg.Connection[Any] | None, target: WorkflowState, event: EventType
+        self,
+        instance_id: UUID | str,
+        conn: psycopg.Connection[Any] | None,
+        target: WorkflowState,
+        event: EventType,
     ) -> WorkflowInstance:
         iid = as_uuid(instance_id, "instance_id")
         with self._engine.transaction(conn) as c:
@@ -251,7 +275,9 @@ class WorkflowCoordinator:
             if unit.state is target:
                 return instance_from_row(unit.row)  # repeating a control call is a no-op
             if target is W.RUNNING and unit.state is not W.PAUSED:
-                raise InvalidStateError(f"cannot resume a {unit.state.value} workflow", state=unit.state.value)
+                raise InvalidStateError(
+                    f"cannot resume a {unit.state.value} workflow", state=unit.state.value
+                )
             payload: dict[str, Any] = {"from": unit.state.value}
             unit.move(target, event, payload)
             if target is W.CANCELLED:
@@ -269,13 +295,23 @@ class WorkflowCoordinator:
             unit = self._engine.lock(c, iid)
             if not isinstance(from_task_id, str) or from_task_id not in unit.definition.by_id:
                 raise TaskNotFoundError(f"workflow {iid} has no task {from_task_id!r}")
-            if unit.state not in (W.RUNNING, W.PAUSED, W.FAILED) or unit.pending_compensations or any(
-                r["kind"] == COMPENSATION for r in self._engine.repos.executions.task_list_for_instance(c, iid)
+            if (
+                unit.state not in (W.RUNNING, W.PAUSED, W.FAILED)
+                or unit.pending_compensations
+                or any(
+                    r["kind"] == COMPENSATION
+                    for r in self._engine.repos.executions.task_list_for_instance(c, iid)
+                )
             ):
                 raise InvalidStateError(
-                    f"cannot compensate a {unit.state.value} workflow (use retry_task to resume a failed compensation)",
+                    f"cannot compensate a {unit.state.value} workflow "
+                    "(use retry_task to resume a failed compensation)",
                     state=unit.state.value,
                 )
-            scope = {from_task_id} | unit.definition.ancestors(from_task_id) | unit.definition.descendants(from_task_id)
+            scope = (
+                {from_task_id}
+                | unit.definition.ancestors(from_task_id)
+                | unit.definition.descendants(from_task_id)
+            )
             unit.start_compensation(scope, {"trigger": "manual", "from_task": from_task_id})
             return instance_from_row(unit.flush())

@@ -13,7 +13,9 @@ class DefinitionRepository(Repository):
     def definition_insert_if_absent(self, conn: psycopg.Connection[Any], **params: Any) -> bool:
         return self._one(conn, "definition_insert_if_absent", params) is not None
 
-    def definition_get(self, conn: psycopg.Connection[Any], namespace: str, name: str, version: int) -> Row | None:
+    def definition_get(
+        self, conn: psycopg.Connection[Any], namespace: str, name: str, version: int
+    ) -> Row | None:
         return self._one(conn, "definition_get", {"namespace": namespace, "name": name, "version": version})
 
     def definition_get_latest(self, conn: psycopg.Connection[Any], namespace: str, name: str) -> Row | None:

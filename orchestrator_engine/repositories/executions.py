@@ -25,7 +25,9 @@ class ExecutionRepository(Repository):
     def task_list_for_instance(self, conn: psycopg.Connection[Any], instance_id: UUID) -> list[Row]:
         return self._all(conn, "task_list_for_instance", {"instance_id": instance_id})
 
-    def task_latest_for_task(self, conn: psycopg.Connection[Any], instance_id: UUID, task_id: str) -> Row | None:
+    def task_latest_for_task(
+        self, conn: psycopg.Connection[Any], instance_id: UUID, task_id: str
+    ) -> Row | None:
         return self._one(conn, "task_latest_for_task", {"instance_id": instance_id, "task_id": task_id})
 
     def task_completed_forward(self, conn: psycopg.Connection[Any], instance_id: UUID) -> list[Row]:
@@ -70,7 +72,9 @@ class ExecutionRepository(Repository):
         params = {"instance_id": instance_id, "task_id": task_id, "kind": kind}
         return self._all(conn, "task_release_dependents", params)
 
-    def task_cancel_open(self, conn: psycopg.Connection[Any], instance_id: UUID, kind: str | None) -> list[Row]:
+    def task_cancel_open(
+        self, conn: psycopg.Connection[Any], instance_id: UUID, kind: str | None
+    ) -> list[Row]:
         return self._all(conn, "task_cancel_open", {"instance_id": instance_id, "kind": kind})
 
     def task_lease_delete(self, conn: psycopg.Connection[Any], execution_ids: list[UUID]) -> int:

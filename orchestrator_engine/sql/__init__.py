@@ -14,7 +14,7 @@ _FILES = ("definitions.sql", "instances.sql", "executions.sql", "events.sql", "m
 
 def _parse(text: str) -> dict[str, str]:
     parts = _BLOCK.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 @cache
@@ -34,4 +34,4 @@ def raw_queries() -> dict[str, str]:
 def queries(schema: str) -> dict[str, sql.Composed]:
     """Return every named statement with ``{schema}`` replaced by the quoted schema identifier."""
     ident = sql.Identifier(schema)
-    return {name: sql.SQL(body).format(schema=ident) for name, body in raw_queries().items()}  # type: ignore[arg-type]
+    return {name: sql.SQL(body).format(schema=ident) for name, body in raw_queries().items()}

@@ -1,0 +1,423 @@
+"""Worker: poll in batches, run handlers on threads, keep leases alive, report results under the fence."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from .config import EngineConfig
+from .coordinators import TaskCoordinator
+from .coordinators._engine import Engine, notify_channel
+from .errors import FencingError, PayloadError
+from .models import TaskExecution
+
+log = logging.getLogger("orchestrator_engine.worker")
+
+Handler = Callable[["TaskContext"], Any]
+
+#: how much of an error's message and traceback is stored with a failed attempt
+MAX_ERROR_MESSAGE = 2_000
+MAX_TRACEBACK = 8_000
+#: how often a result is re-sent after a dropped connection before the lease is left to lapse
+RESULT_RETRIES = 8
+
+
+class LeaseLostError(Exception):
+    """Raised inside ``TaskContext.transaction`` when the fence is stale: the transaction rolls back."""
+
+
+@dataclass
+class WorkerStats:
+    """Counters a worker keeps about itself."""
+
+    started: int = 0
+    completed: int = 0
+    failed: int = 0
+    dropped: int = 0
+    polls: int = 0
+    notifications: int = 0
+    listener_reconnects: int = 0
+    start_latencies: list[float] = field(default_factory=list)
+
+
+class TaskContext:
+    """What a handler gets: the leased execution, its input, and ways to keep or use the lease."""
+
+    def __init__(self, worker: Worker, execution: TaskExecution) -> None:
+        self._worker = worker
+        self.execution = execution
+        self.lease_lost = threading.Event()
+        self.output: Any = None
+        self._completed_in_transaction = False
+
+    @property
+    def input(self) -> Any:
+        return self.execution.input
+
+    @property
+    def attempt(self) -> int:
+        return self.execution.attempt_number
+
+    @property
+    def fence_token(self) -> int:
+        return self.execution.fence_token
+
+    @property
+    def task_id(self) -> str:
+        return self.execution.task_id
+
+    def heartbeat(self) -> bool:
+        """Renew this lease now; return False (and set ``lease_lost``) when it is no longer held."""
+        held = self._worker.tasks.renew_lease(self.execution.execution_id, self._worker.worker_id)
+        if not held:
+            self.lease_lost.set()
+        return held
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """Yield a connection whose transaction also records this task's completion under the fence.
+
+        Write your database effects through the yielded connection and set ``ctx.output`` inside the
+        block. On a clean exit the completion is recorded in the same transaction; if the fence is stale,
+        everything rolls back (LeaseLostError), so the effects happen exactly once.
+        """
+        with self._worker.pool.connection() as conn, conn.transaction():
+            yield conn
+            try:
+                self._worker.tasks.complete_task(
+                    self.execution.execution_id,
+                    self._worker.worker_id,
+                    self.execution.fence_token,
+                    self.output,
+                    conn=conn,
+                )
+            except FencingError as exc:
+                self.lease_lost.set()
+                raise LeaseLostError(str(exc)) from exc
+        self._completed_in_transaction = True
+
+
+class Worker:
+    """Run handlers for task types; ``run()`` blocks, ``start()``/``stop()`` run it in the background.
+
+    ``handlers`` maps task type -> callable(TaskContext) returning a JSON value. Results are reported
+    with the lease's fence token; a handler runs at least once per task and its result is accepted once.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool[Any],
+        handlers: Mapping[str, Handler],
+        *,
+        namespace: str | None = None,
+        concurrency: int = 4,
+        config: EngineConfig | None = None,
+        worker_id: UUID | str | None = None,
+    ) -> None:
+        if not handlers:
+            raise ValueError("a worker needs at least one handler")
+        for task_type, handler in handlers.items():
+            if not isinstance(task_type, str) or not callable(handler):
+                raise TypeError("handlers must map task type strings to callables")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be a positive int, got {concurrency!r}")
+        self.pool = pool
+        if config is None:
+            conninfo = pool.conninfo
+            config = EngineConfig(dsn=conninfo if isinstance(conninfo, str) else conninfo())
+        self.config = config
+        self.handlers = dict(handlers)
+        self.namespace = namespace
+        self.concurrency = concurrency
+        self.worker_id = uuid.uuid4() if worker_id is None else UUID(str(worker_id))
+        self.tasks = TaskCoordinator(pool, self.config, engine=Engine(pool, self.config))
+        self.stats = WorkerStats()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._inflight: dict[UUID, TaskContext] = {}
+        self._inflight_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._shutdown_timeout = 30.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def run(self, *, shutdown_timeout: float = 30.0) -> None:
+        """Work until ``stop()`` or SIGTERM/SIGINT, then drain running handlers for up to the timeout."""
+        self._shutdown_timeout = shutdown_timeout
+        restore = self._install_signal_handlers()
+        executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="orchestrator-handler")
+        helpers = [
+            threading.Thread(target=self._heartbeat_loop, name="orchestrator-heartbeat", daemon=True),
+        ]
+        if self.config.notify:
+            helpers.append(
+                threading.Thread(target=self._listen_loop, name="orchestrator-listener", daemon=True)
+            )
+        for t in helpers:
+            t.start()
+        log.info(
+            "worker %s started: types=%s concurrency=%d",
+            self.worker_id,
+            sorted(self.handlers),
+            self.concurrency,
+        )
+        try:
+            self._poll_loop(executor)
+        finally:
+            self._stopping.set()
+            self._drain(self._shutdown_timeout)
+            executor.shutdown(wait=False, cancel_futures=True)
+            for t in helpers:
+                t.join(timeout=2)
+            restore()
+            self._done.set()
+            log.info("worker %s stopped: %s", self.worker_id, self._summary())
+
+    def start(self) -> Worker:
+        """Run the worker on a background thread and return it."""
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        self._thread = threading.Thread(target=self.run, name="orchestrator-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking work, wait up to ``timeout`` s for running handlers, then return."""
+        self._shutdown_timeout = timeout
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout + 5)
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def running_count(self) -> int:
+        with self._inflight_lock:
+            return len(self._inflight)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("worker %s received signal %d: draining", self.worker_id, signum)
+            self._stopping.set()
+            self._wake.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
+
+    def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.running_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.running_count:
+            log.warning(
+                "worker %s left %d handlers running; their leases will lapse",
+                self.worker_id,
+                self.running_count,
+            )
+
+    def _summary(self) -> str:
+        s = self.stats
+        return f"started={s.started} completed={s.completed} failed={s.failed} dropped={s.dropped}"
+
+    # -- polling ---------------------------------------------------------------------------------
+
+    def _poll_loop(self, executor: ThreadPoolExecutor) -> None:
+        backoff = 0.05
+        types = sorted(self.handlers)
+        interval = self.config.poll_interval.total_seconds()
+        while not self._stopping.is_set():
+            free = self.concurrency - self.running_count
+            if free <= 0:
+                self._wake.wait(interval)
+                self._wake.clear()
+                continue
+            self._wake.clear()
+            try:
+                leased = self.tasks.poll_tasks(
+                    self.worker_id, namespace=self.namespace, task_types=types, limit=free
+                )
+                backoff = 0.05
+            except psycopg.Error as exc:
+                log.warning(
+                    "worker %s poll failed (%s); retrying in %.2fs",
+                    self.worker_id,
+                    type(exc).__name__,
+                    backoff,
+                )
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self.stats.polls += 1
+            for execution in leased:
+                ctx = TaskContext(self, execution)
+                with self._inflight_lock:
+                    self._inflight[execution.execution_id] = ctx
+                self.stats.started += 1
+                if execution.ready_at is not None and execution.started_at is not None:
+                    self.stats.start_latencies.append(
+                        (execution.started_at - execution.ready_at).total_seconds()
+                    )
+                executor.submit(self._execute, ctx)
+            if len(leased) < free:
+                self._wake.wait(interval)  # queue drained: sleep until NOTIFY, a free slot, or the backstop
+
+    # -- running one task ------------------------------------------------------------------------
+
+    def _execute(self, ctx: TaskContext) -> None:
+        execution = ctx.execution
+        try:
+            handler = self.handlers[execution.task_type]
+            try:
+                result = handler(ctx)
+            except LeaseLostError:
+                self._drop(ctx, "the fence was stale when completing in the handler's transaction")
+                return
+            except Exception as exc:
+                self._report(ctx, ok=False, value=_error_of(exc))
+                return
+            if ctx._completed_in_transaction:
+                self.stats.completed += 1
+                return
+            self._report(ctx, ok=True, value=result)
+        finally:
+            with self._inflight_lock:
+                self._inflight.pop(execution.execution_id, None)
+            self._wake.set()
+
+    def _report(self, ctx: TaskContext, *, ok: bool, value: Any) -> None:
+        execution = ctx.execution
+        if ctx.lease_lost.is_set():
+            self._drop(ctx, "its lease was lost while the handler ran")
+            return
+        delay = 0.05
+        for attempt in range(RESULT_RETRIES):
+            try:
+                if ok:
+                    try:
+                        self.tasks.complete_task(
+                            execution.execution_id, self.worker_id, execution.fence_token, value
+                        )
+                    except PayloadError as exc:
+                        ok, value = False, {"type": "PayloadError", "message": str(exc)}
+                        continue
+                    self.stats.completed += 1
+                else:
+                    self.tasks.fail_task(execution.execution_id, self.worker_id, execution.fence_token, value)
+                    self.stats.failed += 1
+                log.debug(
+                    "execution %s reported (%s)", execution.execution_id, "completed" if ok else "failed"
+                )
+                return
+            except FencingError:
+                self._drop(ctx, "the engine refused its fence token")
+                return
+            except psycopg.Error as exc:
+                # an ambiguous commit is safe to resend: an accepted result repeated is a no-op
+                log.warning(
+                    "execution %s: reporting failed (%s), attempt %d",
+                    execution.execution_id,
+                    type(exc).__name__,
+                    attempt + 1,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._drop(ctx, "the database stayed unreachable; the lease will lapse")
+
+    def _drop(self, ctx: TaskContext, why: str) -> None:
+        self.stats.dropped += 1
+        log.info(
+            "dropping the result of execution %s (task %s): %s",
+            ctx.execution.execution_id,
+            ctx.execution.task_id,
+            why,
+            extra={
+                "execution_id": str(ctx.execution.execution_id),
+                "instance_id": str(ctx.execution.workflow_instance_id),
+            },
+        )
+
+    # -- heartbeat and notifications -------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.config.renewal_interval.total_seconds()
+        while not self._done.wait(interval):
+            with self._inflight_lock:
+                held = dict(self._inflight)
+            if not held:
+                continue
+            try:
+                renewed = self.tasks.renew_leases(list(held), self.worker_id)
+            except psycopg.Error as exc:
+                log.warning("worker %s lease renewal failed: %s", self.worker_id, type(exc).__name__)
+                continue
+            for eid, ctx in held.items():
+                if eid not in renewed and not ctx.lease_lost.is_set():
+                    with self._inflight_lock:
+                        still_running = eid in self._inflight
+                    if still_running:
+                        ctx.lease_lost.set()
+                        log.info("worker %s lost the lease of execution %s", self.worker_id, eid)
+
+    def _listen_loop(self) -> None:
+        channel = notify_channel(self.config.schema)
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.config.dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+                    backoff = 0.1
+                    self._wake.set()  # anything announced while we were not listening is picked up now
+                    while not self._stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self.stats.notifications += 1
+                            self._wake.set()
+            except psycopg.Error as exc:
+                if self._stopping.is_set():
+                    return
+                self.stats.listener_reconnects += 1
+                log.warning(
+                    "worker %s listener dropped (%s); reconnecting in %.1fs",
+                    self.worker_id,
+                    type(exc).__name__,
+                    backoff,
+                )
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+def _error_of(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc)[:MAX_ERROR_MESSAGE],
+        "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:],
+    }
