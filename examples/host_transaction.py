@@ -48,7 +48,8 @@ def main(dsn: str) -> None:
         ada = workflows.find_workflow("examples", "welcome", "ada@example.org")
         bob = workflows.find_workflow("examples", "welcome", "bob@example.org")
         print("ada:", ada and ada.state.value, "bob:", bob)
-        assert ada is not None and bob is None
+        assert ada is not None
+        assert bob is None
 
 
 if __name__ == "__main__":
