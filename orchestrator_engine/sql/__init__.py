@@ -9,7 +9,7 @@ from importlib import resources
 from psycopg import sql
 
 _BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-_FILES = ("definitions.sql", "instances.sql", "executions.sql", "events.sql", "maintenance.sql")
+_FILES = ("definitions.sql", "instances.sql", "executions.sql", "events.sql", "maintenance.sql", "check.sql")
 
 
 def _parse(text: str) -> dict[str, str]:
