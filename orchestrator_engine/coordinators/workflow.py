@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -36,6 +38,7 @@ from ._unit import COMPENSATION, FORWARD, InstanceUnit, execution_key
 
 W = WorkflowState
 MAX_RUN_ID = 256
+PURGEABLE = (W.COMPLETED, W.CANCELLED, W.COMPENSATED)
 
 
 @dataclass(frozen=True)
@@ -315,3 +318,39 @@ class WorkflowCoordinator:
             )
             unit.start_compensation(scope, {"trigger": "manual", "from_task": from_task_id})
             return instance_from_row(unit.flush())
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def purge(
+        self,
+        *,
+        older_than: timedelta,
+        states: Iterable[WorkflowState] = PURGEABLE,
+        batch_size: int = 500,
+        max_batches: int | None = None,
+    ) -> int:
+        """Delete finished instances (with executions, leases, events) in bounded batches; return the count.
+
+        Each batch is its own short transaction and skips rows another transaction holds, so purging
+        never blocks the engine for long. Only finished states may be purged.
+        """
+        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+            raise ValueError("older_than must be a non-negative timedelta")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 100_000:
+            raise ValueError("batch_size must be an int between 1 and 100000")
+        chosen = [WorkflowState(s).value for s in states]
+        if not chosen or any(WorkflowState(s) not in (*PURGEABLE, W.FAILED) for s in chosen):
+            raise ValueError(
+                f"only finished states can be purged: {[s.value for s in (*PURGEABLE, W.FAILED)]}"
+            )
+        total = batches = 0
+        while max_batches is None or batches < max_batches:
+            with self._engine.transaction() as c:
+                deleted = self._engine.repos.maintenance.maintenance_purge_batch(
+                    c, chosen, older_than, batch_size
+                )
+            total += len(deleted)
+            batches += 1
+            if len(deleted) < batch_size:
+                break
+        return total

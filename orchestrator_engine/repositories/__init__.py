@@ -7,6 +7,7 @@ from .definitions import DefinitionRepository
 from .events import EventRepository
 from .executions import ExecutionRepository
 from .instances import InstanceRepository
+from .maintenance import MaintenanceRepository
 
 
 class Repositories:
@@ -17,6 +18,7 @@ class Repositories:
         self.instances = InstanceRepository(schema)
         self.executions = ExecutionRepository(schema)
         self.events = EventRepository(schema)
+        self.maintenance = MaintenanceRepository(schema)
 
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "EventRepository",
     "ExecutionRepository",
     "InstanceRepository",
+    "MaintenanceRepository",
     "Repositories",
     "Row",
 ]

@@ -32,6 +32,3 @@ class InstanceRepository(Repository):
     def workflow_collect_output(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Any:
         row = self._one(conn, "workflow_collect_output", {"instance_id": instance_id})
         return row["output"] if row else {}
-
-    def maintenance_purge_batch(self, conn: psycopg.Connection[Any], **params: Any) -> list[Row]:
-        return self._all(conn, "maintenance_purge_batch", params)

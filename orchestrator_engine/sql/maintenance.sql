@@ -10,3 +10,34 @@ WITH doomed AS (
 DELETE FROM {schema}.workflow_instances w USING doomed d
 WHERE w.instance_id = d.instance_id
 RETURNING w.instance_id
+
+-- name: maintenance_counts_by_state
+SELECT namespace, state, count(*) AS workflows
+FROM {schema}.workflow_instances
+GROUP BY namespace, state
+ORDER BY namespace, state
+
+-- name: maintenance_oldest_ready
+SELECT namespace, task_type, count(*) AS ready,
+       EXTRACT(EPOCH FROM now() - min(ready_at)) AS oldest_age_s
+FROM {schema}.task_executions
+WHERE state = 'READY' AND ready_at <= now()
+GROUP BY namespace, task_type
+ORDER BY oldest_age_s DESC
+
+-- name: maintenance_leases_lapsing
+SELECT execution_id, workflow_instance_id, task_id, lease_holder, lease_expires_at,
+       EXTRACT(EPOCH FROM lease_expires_at - now()) AS remaining_s
+FROM {schema}.task_executions
+WHERE state = 'RUNNING' AND lease_expires_at < now() + %(within)s::interval
+ORDER BY lease_expires_at
+LIMIT 50
+
+-- name: maintenance_recent_pollers
+-- Task types some worker leased recently: a ready type missing here may have no worker polling it.
+SELECT DISTINCT task_type
+FROM {schema}.task_executions
+WHERE started_at > now() - %(window)s::interval
+
+-- name: maintenance_now
+SELECT now() AS now
