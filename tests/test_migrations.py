@@ -1,0 +1,264 @@
+"""Specification of migrate(): idempotent, concurrent-safe, crash-safe, and isolated per schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo, sql
+from yoyo.connections import parse_uri
+
+from orchestrator_engine.config import EngineConfig
+from orchestrator_engine.errors import MigrationError
+from orchestrator_engine.migrator import migrate, migration_lock_key, pending_migrations, yoyo_url
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INITIAL = "0001_initial_schema"
+ENGINE_TABLES = {
+    "workflow_definitions",
+    "workflow_instances",
+    "task_executions",
+    "execution_leases",
+    "events",
+}
+
+
+def _tables(dsn: str, schema: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _applied_ids(dsn: str, schema: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT migration_id FROM {}._yoyo_migration ORDER BY applied_at_utc").format(
+                sql.Identifier(schema)
+            )
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def _spawn(script: str) -> subprocess.Popen[str]:
+    """Start a real Python process that can import the engine from this checkout."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.fixture
+def empty_dsn(fresh_database: Callable[..., str]) -> str:
+    """Return the DSN of a new, empty database (no schema, no yoyo tables)."""
+    return fresh_database(template=False)
+
+
+def test_migrate_applies_the_initial_schema_to_an_empty_database(empty_dsn: str) -> None:
+    assert migrate(empty_dsn) == [INITIAL]
+    assert _tables(empty_dsn, "orchestrator") >= ENGINE_TABLES
+    assert _tables(empty_dsn, "public") == set()
+
+
+def test_migrate_twice_applies_nothing_the_second_time(empty_dsn: str) -> None:
+    migrate(empty_dsn)
+    assert migrate(empty_dsn) == []
+    assert _applied_ids(empty_dsn, "orchestrator") == [INITIAL]
+
+
+def test_pending_migrations_lists_what_migrate_would_apply(empty_dsn: str) -> None:
+    assert pending_migrations(empty_dsn) == [INITIAL]
+    # asking must not create the schema
+    assert _tables(empty_dsn, "orchestrator") == set()
+    migrate(empty_dsn)
+    assert pending_migrations(empty_dsn) == []
+
+
+def test_migrate_uses_the_schema_of_an_engine_config(empty_dsn: str) -> None:
+    config = EngineConfig(dsn=empty_dsn, schema="from_config")
+    assert migrate(config) == [INITIAL]
+    assert pending_migrations(config) == []
+    assert _tables(empty_dsn, "from_config") >= ENGINE_TABLES
+
+
+def test_template_clones_are_already_migrated(dsn: str) -> None:
+    assert pending_migrations(dsn) == []
+
+
+def test_six_processes_migrating_at_once_apply_the_schema_exactly_once(empty_dsn: str) -> None:
+    script = (
+        "import json, sys\n"
+        "from orchestrator_engine.migrator import migrate\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        f"print(json.dumps(migrate({empty_dsn!r})), flush=True)\n"
+    )
+    procs = [_spawn(script) for _ in range(6)]
+    try:
+        for proc in procs:
+            # barrier: every process has paid its import cost before any starts migrating
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outcomes = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0] * 6, [err for _, err in outcomes]
+    results = sorted(json.loads(out.strip().splitlines()[-1]) for out, _ in outcomes)
+    assert results == [[]] * 5 + [[INITIAL]]
+    assert _applied_ids(empty_dsn, "orchestrator") == [INITIAL]
+    with psycopg.connect(empty_dsn) as conn:
+        count = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'workflow_instances'"
+        ).fetchone()
+    assert count == (1,)
+
+
+# Each script runs the real migrate() with one yoyo internal wrapped so that the process announces
+# "inside" and then hangs at a chosen point; the test SIGKILLs it there, as an OOM killer would.
+_HANG_INSIDE_APPLY = """
+import time
+import yoyo.migrations
+original = yoyo.migrations.MigrationStep.apply
+def apply_then_hang(self, backend, force=False):
+    original(self, backend, force)
+    print("inside", flush=True)  # DDL executed, transaction still open
+    time.sleep(120)
+yoyo.migrations.MigrationStep.apply = apply_then_hang
+from orchestrator_engine.migrator import migrate
+migrate(DSN)
+"""
+
+_HANG_HOLDING_YOYO_LOCK_ROW = """
+import time
+import yoyo.internalmigrations
+original = yoyo.internalmigrations.upgrade
+def hang_then_upgrade(backend, version=None):
+    print("inside", flush=True)  # yoyo_lock row committed by backend.lock()
+    time.sleep(120)
+yoyo.internalmigrations.upgrade = hang_then_upgrade
+from orchestrator_engine.migrator import migrate
+migrate(DSN)
+"""
+
+
+@pytest.fixture
+def killed_migrator(request: pytest.FixtureRequest, empty_dsn: str) -> Iterator[tuple[str, int]]:
+    """SIGKILL a migrator where the test's parameter makes it hang; yield (dsn, advisory locks it held)."""
+    proc = _spawn(f"DSN = {empty_dsn!r}\n" + request.param)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line == "inside", proc.communicate(timeout=10)
+        held = _advisory_locks_held(empty_dsn)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        yield empty_dsn, held
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def _advisory_locks_held(dsn: str) -> int:
+    key = migration_lock_key("orchestrator")
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = %s",
+            (key,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "killed_migrator",
+    [
+        pytest.param(_HANG_INSIDE_APPLY, id="killed-mid-apply"),
+        pytest.param(_HANG_HOLDING_YOYO_LOCK_ROW, id="killed-holding-yoyo-lock-row"),
+    ],
+    indirect=True,
+)
+def test_a_killed_migrator_does_not_wedge_the_next_one(killed_migrator: tuple[str, int]) -> None:
+    dsn, held_while_running = killed_migrator
+    assert held_while_running == 1
+    started = time.monotonic()
+    assert migrate(dsn, lock_timeout=timedelta(seconds=5)) == [INITIAL]
+    # yoyo's own lock would make us wait its 10 s timeout and then fail
+    assert time.monotonic() - started < 5
+    assert _applied_ids(dsn, "orchestrator") == [INITIAL]
+
+
+def test_schemas_in_one_database_are_isolated(empty_dsn: str) -> None:
+    assert migrate(empty_dsn, schema="a_one") == [INITIAL]
+    assert migrate(empty_dsn, schema="a_two") == [INITIAL]
+    with psycopg.connect(empty_dsn) as conn:
+        conn.execute(
+            "INSERT INTO a_one.workflow_definitions (namespace, name, version, definition, content_hash)"
+            " VALUES ('ns', 'wf', 1, '{}', 'h')"
+        )
+        counts = [
+            conn.execute(
+                sql.SQL("SELECT count(*) FROM {}.workflow_definitions").format(sql.Identifier(schema))
+            ).fetchone()
+            for schema in ("a_one", "a_two")
+        ]
+    assert counts == [(1,), (0,)]
+    assert _applied_ids(empty_dsn, "a_one") == [INITIAL]
+    assert _applied_ids(empty_dsn, "a_two") == [INITIAL]
+    assert _tables(empty_dsn, "public") == set()
+    assert migration_lock_key("a_one") != migration_lock_key("a_two")
+
+
+def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:
+    with pytest.raises(ValueError, match="schema"):
+        migrate(empty_dsn, schema="x; DROP TABLE y")
+
+
+def test_connection_failure_is_a_migration_error_without_the_password() -> None:
+    with pytest.raises(MigrationError) as excinfo:
+        migrate("postgresql://orch:hunter2@127.0.0.1:1/db?connect_timeout=2")
+    assert "hunter2" not in str(excinfo.value)
+    assert "127.0.0.1" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=/var/run/postgresql port=5433 dbname=orch user=me",
+        "postgresql://me:p%40ss%2Fw%3Frd%20x@db.example:6543/orch?sslmode=require&application_name=app",
+        "postgres://me@[::1]:5432/orch",
+        r"dbname=orch password='it\'s'",
+        "host=h1,h2 port=5432,5433 dbname=orch target_session_attrs=read-write",
+    ],
+)
+def test_yoyo_url_carries_every_libpq_parameter(dsn: str) -> None:
+    url = yoyo_url(dsn, "orchestrator")
+    assert url.startswith("postgresql+psycopg://")
+    parsed = parse_uri(url)
+    args = dict(parsed.args)
+    assert args.pop("schema") == "orchestrator"
+    assert args == conninfo.conninfo_to_dict(dsn)
