@@ -19,6 +19,7 @@ from uuid import UUID
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from . import telemetry
 from .config import EngineConfig
 from .coordinators import TaskCoordinator
 from .coordinators._engine import Engine, notify_channel
@@ -153,6 +154,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._shutdown_timeout = 30.0
+        self._gauge: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -170,6 +172,7 @@ class Worker:
             )
         for t in helpers:
             t.start()
+        self._gauge = telemetry.observe_queue_depth(self._queue_depth)
         log.info(
             "worker %s started: types=%s concurrency=%d",
             self.worker_id,
@@ -245,6 +248,10 @@ class Worker:
                 self.running_count,
             )
 
+    def _queue_depth(self) -> int:
+        with self.pool.connection() as conn:
+            return self.tasks.engine.repos.maintenance.maintenance_ready_depth(conn, self.namespace)
+
     def _summary(self) -> str:
         s = self.stats
         return f"started={s.started} completed={s.completed} failed={s.failed} dropped={s.dropped}"
@@ -283,9 +290,12 @@ class Worker:
                 with self._inflight_lock:
                     self._inflight[execution.execution_id] = ctx
                 self.stats.started += 1
+                telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
                 if execution.ready_at is not None and execution.started_at is not None:
-                    self.stats.start_latencies.append(
-                        (execution.started_at - execution.ready_at).total_seconds()
+                    latency = (execution.started_at - execution.ready_at).total_seconds()
+                    self.stats.start_latencies.append(latency)
+                    telemetry.record_seconds(
+                        "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
                     )
                 executor.submit(self._execute, ctx)
             if len(leased) < free:
@@ -294,6 +304,19 @@ class Worker:
     # -- running one task ------------------------------------------------------------------------
 
     def _execute(self, ctx: TaskContext) -> None:
+        execution = ctx.execution
+        with telemetry.span(
+            "orchestrator.task",
+            execution_id=execution.execution_id,
+            instance_id=execution.workflow_instance_id,
+            task_id=execution.task_id,
+            task_type=execution.task_type,
+            attempt=execution.attempt_number,
+            kind=execution.kind.value,
+        ):
+            self._execute_in_span(ctx)
+
+    def _execute_in_span(self, ctx: TaskContext) -> None:
         execution = ctx.execution
         try:
             handler = self.handlers[execution.task_type]
@@ -331,9 +354,11 @@ class Worker:
                         ok, value = False, {"type": "PayloadError", "message": str(exc)}
                         continue
                     self.stats.completed += 1
+                    telemetry.count("orchestrator.tasks.completed", 1, task_type=execution.task_type)
                 else:
                     self.tasks.fail_task(execution.execution_id, self.worker_id, execution.fence_token, value)
                     self.stats.failed += 1
+                    telemetry.count("orchestrator.tasks.failed", 1, task_type=execution.task_type)
                 log.debug(
                     "execution %s reported (%s)", execution.execution_id, "completed" if ok else "failed"
                 )

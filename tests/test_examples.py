@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FreshDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["quickstart", "saga", "host_transaction", "fan_out"]
@@ -22,12 +22,12 @@ def _run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[s
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_runs_to_completion(name: str, fresh_database: FreshDatabase) -> None:
+def test_example_runs_to_completion(name: str, fresh_database: Callable[..., str]) -> None:
     result = _run([sys.executable, str(ROOT / "examples" / f"{name}.py"), fresh_database(template=False)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_demo_ends_every_order_as_designed(fresh_database: FreshDatabase) -> None:
+def test_demo_ends_every_order_as_designed(fresh_database: Callable[..., str]) -> None:
     result = _run(
         [sys.executable, "-m", "orchestrator_engine", "demo", "--dsn", fresh_database(template=False)]
     )

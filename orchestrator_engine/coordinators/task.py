@@ -10,9 +10,11 @@ from uuid import UUID
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from .. import telemetry
 from ..config import EngineConfig
 from ..errors import FencingError, InvalidStateError, TaskNotFoundError
 from ..models import EventType, TaskExecution, WorkflowState, execution_from_row
+from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_uuid
 from ._unit import COMPENSATION, FORWARD
@@ -43,6 +45,7 @@ class TaskCoordinator:
 
     # -- acquisition -----------------------------------------------------------------------------
 
+    @traced("orchestrator.acquire_task")
     def acquire_task(self, execution_id: UUID | str, worker_id: UUID | str) -> TaskExecution | None:
         """Lease one READY (or lapsed) execution; None when it is not acquirable."""
         eid = as_uuid(execution_id, "execution_id")
@@ -80,6 +83,7 @@ class TaskCoordinator:
             unit.flush()
         return None if granted is None else execution_from_row(granted)
 
+    @traced("orchestrator.poll_tasks")
     def poll_tasks(
         self,
         worker_id: UUID | str,
@@ -109,6 +113,7 @@ class TaskCoordinator:
                 raise AssertionError("poll lost an instance sequence update")  # pragma: no cover - invariant
         return [execution_from_row(r) for r in rows]
 
+    @traced("orchestrator.reclaim_expired_leases")
     def reclaim_expired_leases(self, *, limit: int = 100) -> int:
         """Requeue (or fail, when out of tries or past the timeout) executions whose lease lapsed."""
         repos = self._engine.repos
@@ -124,10 +129,12 @@ class TaskCoordinator:
                     if row is not None and row["state"] == "RUNNING":
                         unit.task_lapsed(row)
                 unit.flush()
+        telemetry.count("orchestrator.leases.lapsed", len(lapsed))
         return len(lapsed)
 
     # -- results ---------------------------------------------------------------------------------
 
+    @traced("orchestrator.complete_task")
     def complete_task(
         self,
         execution_id: UUID | str,
@@ -144,6 +151,7 @@ class TaskCoordinator:
         output_text = self._engine.encode(output, "task output")
         return self._finish(eid, wid, token, conn, "COMPLETED", output_text)
 
+    @traced("orchestrator.fail_task")
     def fail_task(
         self,
         execution_id: UUID | str,
@@ -203,6 +211,7 @@ class TaskCoordinator:
         eid = as_uuid(execution_id, "execution_id")
         return eid in self.renew_leases([eid], worker_id)
 
+    @traced("orchestrator.renew_leases")
     def renew_leases(self, execution_ids: Iterable[UUID | str], worker_id: UUID | str) -> set[UUID]:
         """Renew many leases in one statement; return the ids still held."""
         ids = [as_uuid(e, "execution_id") for e in execution_ids]
@@ -216,6 +225,7 @@ class TaskCoordinator:
 
     # -- operator actions ------------------------------------------------------------------------
 
+    @traced("orchestrator.retry_task")
     def retry_task(
         self,
         workflow_instance_id: UUID | str,

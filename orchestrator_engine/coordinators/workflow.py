@@ -32,6 +32,7 @@ from ..models import (
     execution_from_row,
     instance_from_row,
 )
+from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_uuid
 from ._unit import COMPENSATION, FORWARD, InstanceUnit, execution_key
@@ -70,6 +71,7 @@ class WorkflowCoordinator:
 
     # -- definitions -----------------------------------------------------------------------------
 
+    @traced("orchestrator.register_workflow")
     def register_workflow(
         self, definition: WorkflowDefinition, *, conn: psycopg.Connection[Any] | None = None
     ) -> WorkflowDefinition:
@@ -114,6 +116,7 @@ class WorkflowCoordinator:
 
     # -- start -----------------------------------------------------------------------------------
 
+    @traced("orchestrator.start_workflow")
     def start_workflow(
         self, request: StartWorkflowRequest, *, conn: psycopg.Connection[Any] | None = None
     ) -> WorkflowInstance:
@@ -122,6 +125,7 @@ class WorkflowCoordinator:
         with self._engine.transaction(conn) as c:
             return self._start(c, request, input_text)
 
+    @traced("orchestrator.start_workflows")
     def start_workflows(
         self, requests: list[StartWorkflowRequest], *, conn: psycopg.Connection[Any] | None = None
     ) -> list[WorkflowInstance]:
@@ -212,6 +216,7 @@ class WorkflowCoordinator:
 
     # -- reading ---------------------------------------------------------------------------------
 
+    @traced("orchestrator.get_workflow")
     def get_workflow(self, instance_id: UUID | str) -> WorkflowInstance:
         """Return one instance; unknown ids raise WorkflowNotFoundError."""
         iid = as_uuid(instance_id, "instance_id")
@@ -227,6 +232,7 @@ class WorkflowCoordinator:
             row = self._engine.repos.instances.workflow_get_by_run_id(c, namespace, workflow_name, run_id)
         return None if row is None else instance_from_row(row)
 
+    @traced("orchestrator.list_tasks")
     def list_tasks(self, instance_id: UUID | str) -> list[TaskExecution]:
         """Return every execution of the instance, every attempt, oldest first."""
         iid = as_uuid(instance_id, "instance_id")
@@ -236,6 +242,7 @@ class WorkflowCoordinator:
             rows = self._engine.repos.executions.task_list_for_instance(c, iid)
         return [execution_from_row(r) for r in rows]
 
+    @traced("orchestrator.get_history")
     def get_history(self, instance_id: UUID | str) -> list[WorkflowEvent]:
         """Return the instance's events ordered by sequence_number (1..n, no gaps)."""
         iid = as_uuid(instance_id, "instance_id")
@@ -247,18 +254,21 @@ class WorkflowCoordinator:
 
     # -- control ---------------------------------------------------------------------------------
 
+    @traced("orchestrator.pause_workflow")
     def pause_workflow(
         self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None
     ) -> WorkflowInstance:
         """Stop handing out the instance's tasks; leased tasks may still complete."""
         return self._control(instance_id, conn, W.PAUSED, EventType.WORKFLOW_PAUSED)
 
+    @traced("orchestrator.resume_workflow")
     def resume_workflow(
         self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None
     ) -> WorkflowInstance:
         """Hand out the instance's tasks again."""
         return self._control(instance_id, conn, W.RUNNING, EventType.WORKFLOW_RESUMED)
 
+    @traced("orchestrator.cancel_workflow")
     def cancel_workflow(
         self, instance_id: UUID | str, *, conn: psycopg.Connection[Any] | None = None
     ) -> WorkflowInstance:
@@ -289,6 +299,7 @@ class WorkflowCoordinator:
                 unit.scheduled = True  # wake workers: the instance's ready tasks are eligible again
             return instance_from_row(unit.flush())
 
+    @traced("orchestrator.trigger_compensation")
     def trigger_compensation(
         self, instance_id: UUID | str, from_task_id: str, *, conn: psycopg.Connection[Any] | None = None
     ) -> WorkflowInstance:
@@ -321,6 +332,7 @@ class WorkflowCoordinator:
 
     # -- retention -------------------------------------------------------------------------------
 
+    @traced("orchestrator.purge")
     def purge(
         self,
         *,

@@ -32,3 +32,7 @@ class MaintenanceRepository(Repository):
     ) -> list[Row]:
         params = {"states": states, "older_than": older_than, "batch_size": batch_size}
         return self._all(conn, "maintenance_purge_batch", params)
+
+    def maintenance_ready_depth(self, conn: psycopg.Connection[Any], namespace: str | None) -> int:
+        row = self._one(conn, "maintenance_ready_depth", {"namespace": namespace})
+        return 0 if row is None else int(row["depth"])

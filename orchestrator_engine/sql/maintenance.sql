@@ -41,3 +41,7 @@ WHERE started_at > now() - %(window)s::interval
 
 -- name: maintenance_now
 SELECT now() AS now
+
+-- name: maintenance_ready_depth
+SELECT count(*) AS depth FROM {schema}.task_executions
+WHERE state = 'READY' AND ready_at <= now() AND (%(namespace)s::text IS NULL OR namespace = %(namespace)s::text)

@@ -1,0 +1,103 @@
+"""OpenTelemetry: spans per coordinator call and per task execution, metrics, and no cost without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from psycopg_pool import ConnectionPool
+
+from orchestrator_engine import (
+    EngineConfig,
+    StartWorkflowRequest,
+    TaskDefinition,
+    WorkflowCoordinator,
+    WorkflowDefinition,
+    WorkflowState,
+)
+from orchestrator_engine.worker import Worker
+
+otel_sdk = pytest.importorskip("opentelemetry.sdk")
+
+
+@pytest.fixture(scope="module")
+def exporters() -> Any:
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    trace.set_tracer_provider(provider)
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return spans, reader
+
+
+def _metric_points(reader: Any) -> dict[str, float]:
+    data = reader.get_metrics_data()
+    out: dict[str, float] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    value = getattr(point, "value", None)
+                    if value is None:
+                        value = getattr(point, "count", 0)
+                    out[metric.name] = out.get(metric.name, 0) + value
+    return out
+
+
+def test_spans_and_metrics_cover_coordinator_calls_and_task_executions(
+    exporters: Any, pool: ConnectionPool[Any], engine_config: EngineConfig
+) -> None:
+    spans, reader = exporters
+    workflows = WorkflowCoordinator(pool, engine_config)
+    workflows.register_workflow(
+        WorkflowDefinition("otel", "pair", [TaskDefinition("a"), TaskDefinition("b", depends_on=["a"])])
+    )
+    instance = workflows.start_workflow(StartWorkflowRequest("otel", "pair", "run-1"))
+    with Worker(pool, {"a": lambda ctx: 1, "b": lambda ctx: 2}, config=engine_config):
+        deadline = time.monotonic() + 30
+        while workflows.get_workflow(instance.instance_id).state is WorkflowState.RUNNING:
+            assert time.monotonic() < deadline, "workflow did not complete"
+            time.sleep(0.02)
+    names = [s.name for s in spans.get_finished_spans()]
+    assert "orchestrator.start_workflow" in names
+    assert "orchestrator.poll_tasks" in names
+    assert "orchestrator.complete_task" in names
+    task_spans = [s for s in spans.get_finished_spans() if s.name == "orchestrator.task"]
+    assert sorted(s.attributes["task_id"] for s in task_spans) == ["a", "b"]
+    assert all(s.attributes["instance_id"] == str(instance.instance_id) for s in task_spans)
+    points = _metric_points(reader)
+    assert points["orchestrator.tasks.started"] == 2
+    assert points["orchestrator.tasks.completed"] == 2
+    assert points["orchestrator.tasks.ready_to_start"] == 2  # histogram: one observation per task
+    assert "orchestrator.queue.depth" in points
+
+
+def test_importing_the_engine_does_not_import_opentelemetry() -> None:
+    code = (
+        "import sys, orchestrator_engine, orchestrator_engine.worker; print('opentelemetry' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_without_opentelemetry_spans_and_metrics_are_no_ops() -> None:
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "from orchestrator_engine import telemetry\n"
+        "with telemetry.span('x', a=1): pass\n"
+        "telemetry.count('c'); telemetry.record_seconds('h', 0.1)\n"
+        "print(telemetry.enabled(), telemetry.observe_queue_depth(lambda: 1))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False None"
