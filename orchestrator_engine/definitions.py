@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -192,7 +192,7 @@ class WorkflowDefinition:
 
     namespace: str
     name: str
-    tasks: tuple[TaskDefinition, ...]
+    tasks: Sequence[TaskDefinition]
     version: int = 1
 
     def __post_init__(self) -> None:

@@ -48,9 +48,8 @@ def _metric_points(reader: Any) -> dict[str, float]:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 for point in metric.data.data_points:
-                    value = getattr(point, "value", None)
-                    if value is None:
-                        value = getattr(point, "count", 0)
+                    raw: Any = getattr(point, "value", None) or getattr(point, "count", 0)
+                    value = float(raw)
                     out[metric.name] = out.get(metric.name, 0) + value
     return out
 
