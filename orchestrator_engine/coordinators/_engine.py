@@ -34,13 +34,20 @@ class Engine:
         self.channel = notify_channel(config.schema)
         self._definitions: dict[tuple[str, str, int], WorkflowDefinition] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     @contextmanager
     def transaction(self, conn: psycopg.Connection[Any] | None = None) -> Iterator[psycopg.Connection[Any]]:
         """Yield a connection inside a transaction: the caller's (as a savepoint) or a pooled one."""
         if conn is not None:
-            with conn.transaction():
-                yield conn
+            # inside the caller's transaction nothing read may be cached: it could still roll back
+            depth = getattr(self._local, "host_depth", 0)
+            self._local.host_depth = depth + 1
+            try:
+                with conn.transaction():
+                    yield conn
+            finally:
+                self._local.host_depth = depth
             return
         with self.pool.connection() as pooled, pooled.transaction():
             yield pooled
@@ -57,7 +64,7 @@ class Engine:
     def definition(
         self, conn: psycopg.Connection[Any], namespace: str, name: str, version: int
     ) -> WorkflowDefinition:
-        """Return a stored definition; (namespace, name, version) never changes body, so it is cached."""
+        """Return a stored definition; a committed (namespace, name, version) never changes: cache it."""
         key = (namespace, name, version)
         cached = self._definitions.get(key)
         if cached is not None:
@@ -66,8 +73,9 @@ class Engine:
         if row is None:
             raise WorkflowNotFoundError(f"no workflow {namespace}/{name} version {version}")
         definition = WorkflowDefinition.from_json(row["definition"])
-        with self._lock:
-            self._definitions[key] = definition
+        if not getattr(self._local, "host_depth", 0):
+            with self._lock:
+                self._definitions[key] = definition
         return definition
 
     def lock(self, conn: psycopg.Connection[Any], instance_id: UUID) -> InstanceUnit:
