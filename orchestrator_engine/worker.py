@@ -23,7 +23,7 @@ from . import telemetry
 from .config import EngineConfig
 from .coordinators import TaskCoordinator
 from .coordinators._engine import Engine, notify_channel
-from .errors import FencingError, PayloadError
+from .errors import FencingError, OrchestratorError, PayloadError
 from .models import TaskExecution
 
 log = logging.getLogger("orchestrator_engine.worker")
@@ -185,10 +185,10 @@ class Worker:
             self._stopping.set()
             self._drain(self._shutdown_timeout)
             executor.shutdown(wait=False, cancel_futures=True)
+            self._done.set()  # releases the heartbeat thread at once
             for t in helpers:
                 t.join(timeout=2)
             restore()
-            self._done.set()
             log.info("worker %s stopped: %s", self.worker_id, self._summary())
 
     def start(self) -> Worker:
@@ -274,7 +274,8 @@ class Worker:
                     self.worker_id, namespace=self.namespace, task_types=types, limit=free
                 )
                 backoff = 0.05
-            except psycopg.Error as exc:
+            except (psycopg.Error, OrchestratorError) as exc:
+                # connection trouble or an engine refusal: a worker keeps polling, with backoff
                 log.warning(
                     "worker %s poll failed (%s); retrying in %.2fs",
                     self.worker_id,
@@ -366,7 +367,7 @@ class Worker:
             except FencingError:
                 self._drop(ctx, "the engine refused its fence token")
                 return
-            except psycopg.Error as exc:
+            except (psycopg.Error, OrchestratorError) as exc:
                 # an ambiguous commit is safe to resend: an accepted result repeated is a no-op
                 log.warning(
                     "execution %s: reporting failed (%s), attempt %d",
@@ -402,7 +403,7 @@ class Worker:
                 continue
             try:
                 renewed = self.tasks.renew_leases(list(held), self.worker_id)
-            except psycopg.Error as exc:
+            except (psycopg.Error, OrchestratorError) as exc:
                 log.warning("worker %s lease renewal failed: %s", self.worker_id, type(exc).__name__)
                 continue
             for eid, ctx in held.items():
@@ -423,7 +424,7 @@ class Worker:
                     backoff = 0.1
                     self._wake.set()  # anything announced while we were not listening is picked up now
                     while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        for _ in conn.notifies(timeout=0.25, stop_after=1):
                             self.stats.notifications += 1
                             self._wake.set()
             except psycopg.Error as exc:

@@ -118,7 +118,8 @@ class InstanceUnit:
                         "task_id": row["task_id"],
                         "attempt": row["attempt_number"],
                     },
-                    key=f"scheduled:{row['execution_id']}",
+                    # a lapsed lease schedules the same execution again: lapse_count tells them apart
+                    key=f"scheduled:{row['execution_id']}:{row['lapse_count']}",
                 )
 
     def _task_payload(self, row: Row, **extra: Any) -> dict[str, Any]:
