@@ -24,7 +24,7 @@ def check_name(value: object, what: str) -> str:
     """Return ``value`` if it is a valid name (letters, digits, ``_ . : -``, at most 128 chars)."""
     if not isinstance(value, str):
         raise InvalidDefinitionError(f"{what} must be a string, got {type(value).__name__}")
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         shown = value if len(value) <= 40 else value[:40] + "..."
         raise InvalidDefinitionError(
             f"{what} {shown!r} is not a valid name: use 1-128 letters, digits, '_', '.', ':' or '-'"

@@ -86,6 +86,8 @@ class InstanceUnit:
 
     def flush(self) -> Row:
         """Write the queued events and the instance row under the sequence guard."""
+        if not self.events and self.state.value == self.row["state"]:
+            return self.row  # nothing happened: leave the row (and updated_at) untouched
         if self.events:
             self.repos.events.event_insert_many(self.conn, self.events)
         row = self.repos.instances.workflow_update_if_sequence(

@@ -107,6 +107,8 @@ class TaskCoordinator:
                 namespace=namespace,
                 task_types=types,
                 limit=limit,
+                # look a little past the batch: executions other pollers hold are skipped
+                scan=limit * 4,
                 lease=self._config.lease_duration,
             )
             if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
@@ -252,7 +254,11 @@ class TaskCoordinator:
                 raise InvalidStateError(
                     f"cannot retry a task of a {unit.state.value} workflow", state=unit.state.value
                 )
-            if latest["kind"] == FORWARD and unit.state is W.COMPENSATING:
+            if latest["kind"] == FORWARD and (
+                unit.state is W.COMPENSATING
+                or any(r["kind"] == COMPENSATION for r in repos.executions.task_list_for_instance(c, iid))
+            ):
+                # once undo steps have run, redoing forward work would report success for undone tasks
                 raise InvalidStateError(
                     "forward work stopped when compensation started", state=unit.state.value
                 )

@@ -71,10 +71,12 @@ RETURNING e.*
 
 -- name: task_poll_and_lease
 -- Pick the oldest ready executions of running workflows, lease them, write one TASK_STARTED event each
--- and advance each instance's sequence, all in one statement. SKIP LOCKED on both the execution and its
--- instance row means a poller never waits, so it can never be part of a lock cycle.
-WITH picked AS (
-    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at, w.sequence_number AS seq0
+-- and advance each instance's sequence, all in one statement.
+-- Lock order (the rule every writer follows): instance rows first, then their executions. Pollers are
+-- the only writers that lock several instances, and they lock them in instance_id order, so no cycle of
+-- waits can form; an execution is locked (SKIP LOCKED, never waiting) only once its instance is held.
+WITH candidates AS (
+    SELECT e.execution_id, e.workflow_instance_id
     FROM {schema}.task_executions e
     JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
     WHERE e.state = 'READY' AND e.ready_at <= now()
@@ -82,8 +84,22 @@ WITH picked AS (
       AND (%(namespace)s::text IS NULL OR e.namespace = %(namespace)s::text)
       AND (%(task_types)s::text[] IS NULL OR e.task_type = ANY(%(task_types)s::text[]))
     ORDER BY e.ready_at
+    LIMIT %(scan)s
+), instances AS (
+    SELECT w.instance_id, w.sequence_number AS seq0
+    FROM {schema}.workflow_instances w
+    WHERE w.instance_id IN (SELECT c.workflow_instance_id FROM candidates c)
+      AND w.state IN ('RUNNING', 'COMPENSATING')
+    ORDER BY w.instance_id
+    FOR NO KEY UPDATE
+), picked AS (
+    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at, i.seq0
+    FROM {schema}.task_executions e
+    JOIN instances i ON i.instance_id = e.workflow_instance_id
+    WHERE e.execution_id IN (SELECT c.execution_id FROM candidates c) AND e.state = 'READY'
+    ORDER BY e.ready_at
     LIMIT %(limit)s
-    FOR NO KEY UPDATE OF e, w SKIP LOCKED
+    FOR NO KEY UPDATE OF e SKIP LOCKED
 ), numbered AS (
     SELECT p.*,
            row_number() OVER (PARTITION BY p.workflow_instance_id ORDER BY p.ready_at, p.execution_id) AS rn,
@@ -119,7 +135,9 @@ WITH picked AS (
     UPDATE {schema}.workflow_instances w
     SET sequence_number = s.seq0 + s.cnt, updated_at = now()
     FROM (SELECT DISTINCT workflow_instance_id, seq0, cnt FROM numbered) s
-    WHERE w.instance_id = s.workflow_instance_id AND w.sequence_number = s.seq0
+    -- no sequence guard here: seq0 was read from the row this statement holds locked, while the
+    -- UPDATE would compare against the statement's older snapshot
+    WHERE w.instance_id = s.workflow_instance_id
     RETURNING 1
 )
 SELECT g.*,
@@ -167,12 +185,14 @@ WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
 RETURNING *
 
 -- name: task_renew_many_if_held
--- A lease past its task's timeout is not renewable: the attempt is then treated as failed.
+-- A lapsed lease is not renewable (the worker must drop its result), nor is one past its task's
+-- timeout: the attempt is then treated as failed.
 WITH renewed AS (
     UPDATE {schema}.task_executions
     SET lease_expires_at = LEAST(now() + %(lease)s::interval, COALESCE(deadline_at, 'infinity'))
     WHERE execution_id = ANY(%(execution_ids)s::uuid[]) AND state = 'RUNNING'
-      AND lease_holder = %(worker_id)s AND (deadline_at IS NULL OR deadline_at > now())
+      AND lease_holder = %(worker_id)s AND lease_expires_at > now()
+      AND (deadline_at IS NULL OR deadline_at > now())
     RETURNING execution_id, lease_expires_at
 ), leases AS (
     UPDATE {schema}.execution_leases l SET expires_at = r.lease_expires_at
