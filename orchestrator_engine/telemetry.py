@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
@@ -103,15 +104,47 @@ def record_seconds(name: str, seconds: float, **attributes: Any) -> None:
         histogram.record(seconds, attributes)
 
 
-def observe_queue_depth(read_depth: Callable[[], int]) -> Any:
-    """Register an observable gauge ``orchestrator.queue.depth`` fed by ``read_depth``; None without OTel."""
+_depth_readers: dict[int, tuple[str, Callable[[], int | None]]] = {}
+_gauge: Any = None
+
+
+def observe_queue_depth(owner: object, namespace: str | None, read_depth: Callable[[], int | None]) -> Any:
+    """Report ``orchestrator.queue.depth`` (ready executions) through ``read_depth`` while ``owner`` lives.
+
+    OpenTelemetry keeps the first instrument registered under a name, so one gauge serves every worker
+    in the process: its callback asks each live worker, once per namespace. Returns None without OTel.
+    """
+    global _gauge
     if _otel() is None:
         return None
     from opentelemetry import metrics
 
-    def callback(_options: Any) -> Any:
-        return [metrics.Observation(read_depth())]
+    key = id(owner)
+    with _lock:
+        _depth_readers[key] = (namespace or "*", read_depth)
+    weakref.finalize(owner, _depth_readers.pop, key, None)
 
-    return metrics.get_meter(SCOPE).create_observable_gauge(
-        "orchestrator.queue.depth", callbacks=[callback], unit="1", description="ready task executions"
-    )
+    def callback(_options: Any) -> Any:
+        seen: dict[str, int] = {}
+        for ns, reader in list(_depth_readers.values()):
+            if ns not in seen:
+                depth = reader()
+                if depth is not None:
+                    seen[ns] = depth
+        return [metrics.Observation(depth, {"namespace": ns}) for ns, depth in seen.items()]
+
+    with _lock:
+        if _gauge is None:
+            _gauge = metrics.get_meter(SCOPE).create_observable_gauge(
+                "orchestrator.queue.depth",
+                callbacks=[callback],
+                unit="1",
+                description="ready task executions",
+            )
+    return _gauge
+
+
+def forget_queue_depth(owner: object) -> None:
+    """Stop asking ``owner`` for the queue depth (a worker calls this when it stops)."""
+    with _lock:
+        _depth_readers.pop(id(owner), None)

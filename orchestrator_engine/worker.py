@@ -33,6 +33,9 @@ Handler = Callable[["TaskContext"], Any]
 #: how much of an error's message and traceback is stored with a failed attempt
 MAX_ERROR_MESSAGE = 2_000
 MAX_TRACEBACK = 8_000
+#: after a poll that leased work, a short poll comes back this soon for this long
+BUSY_REPOLL = 0.02
+BUSY_WINDOW = 1.0
 #: how often a result is re-sent after a dropped connection before the lease is left to lapse
 RESULT_RETRIES = 8
 
@@ -172,7 +175,7 @@ class Worker:
             )
         for t in helpers:
             t.start()
-        self._gauge = telemetry.observe_queue_depth(self._queue_depth)
+        self._gauge = telemetry.observe_queue_depth(self, self.namespace, self._queue_depth)
         log.info(
             "worker %s started: types=%s concurrency=%d",
             self.worker_id,
@@ -186,6 +189,7 @@ class Worker:
             self._drain(self._shutdown_timeout)
             executor.shutdown(wait=False, cancel_futures=True)
             self._done.set()  # releases the heartbeat thread at once
+            telemetry.forget_queue_depth(self)
             for t in helpers:
                 t.join(timeout=2)
             restore()
@@ -248,9 +252,15 @@ class Worker:
                 self.running_count,
             )
 
-    def _queue_depth(self) -> int:
-        with self.pool.connection() as conn:
-            return self.tasks.engine.repos.maintenance.maintenance_ready_depth(conn, self.namespace)
+    def _queue_depth(self) -> int | None:
+        if self._done.is_set():
+            return None  # a stopped worker reports nothing; the gauge cannot be unregistered
+        try:
+            with self.pool.connection(timeout=1.0) as conn:
+                return self.tasks.engine.repos.maintenance.maintenance_ready_depth(conn, self.namespace)
+        except Exception:  # a metrics callback must never break the exporter
+            log.debug("worker %s could not read the queue depth", self.worker_id, exc_info=True)
+            return None
 
     def _summary(self) -> str:
         s = self.stats
@@ -260,6 +270,7 @@ class Worker:
 
     def _poll_loop(self, executor: ThreadPoolExecutor) -> None:
         backoff = 0.05
+        last_work = float("-inf")
         types = sorted(self.handlers)
         interval = self.config.poll_interval.total_seconds()
         while not self._stopping.is_set():
@@ -299,8 +310,14 @@ class Worker:
                         "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
                     )
                 executor.submit(self._execute, ctx)
+            now = time.monotonic()
+            if leased:
+                last_work = now
             if len(leased) < free:
-                self._wake.wait(interval)  # queue drained: sleep until NOTIFY, a free slot, or the backstop
+                # Queue drained: sleep until NOTIFY, a free slot, or the backstop. Right after work was
+                # flowing, re-poll soon instead: another poller holding a hot instance can make a poll
+                # come back short while ready tasks remain, and their NOTIFY has already been spent.
+                self._wake.wait(BUSY_REPOLL if now - last_work < BUSY_WINDOW else interval)
 
     # -- running one task ------------------------------------------------------------------------
 

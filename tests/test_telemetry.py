@@ -41,13 +41,16 @@ def exporters() -> Any:
     return spans, reader
 
 
-def _metric_points(reader: Any) -> dict[str, float]:
+def _metric_points(reader: Any, task_types: set[str] | None = None) -> dict[str, float]:
+    """Sum each metric's points; with ``task_types``, only points carrying one of them."""
     data = reader.get_metrics_data()
     out: dict[str, float] = {}
     for resource in data.resource_metrics:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 for point in metric.data.data_points:
+                    if task_types is not None and point.attributes.get("task_type") not in task_types:
+                        continue
                     raw: Any = getattr(point, "value", None) or getattr(point, "count", 0)
                     value = float(raw)
                     out[metric.name] = out.get(metric.name, 0) + value
@@ -60,26 +63,29 @@ def test_spans_and_metrics_cover_coordinator_calls_and_task_executions(
     spans, reader = exporters
     workflows = WorkflowCoordinator(pool, engine_config)
     workflows.register_workflow(
-        WorkflowDefinition("otel", "pair", [TaskDefinition("a"), TaskDefinition("b", depends_on=["a"])])
+        WorkflowDefinition(
+            "otel", "pair", [TaskDefinition("otel_a"), TaskDefinition("otel_b", depends_on=["otel_a"])]
+        )
     )
     instance = workflows.start_workflow(StartWorkflowRequest("otel", "pair", "run-1"))
-    with Worker(pool, {"a": lambda ctx: 1, "b": lambda ctx: 2}, config=engine_config):
+    with Worker(pool, {"otel_a": lambda ctx: 1, "otel_b": lambda ctx: 2}, config=engine_config):
         deadline = time.monotonic() + 30
         while workflows.get_workflow(instance.instance_id).state is WorkflowState.RUNNING:
             assert time.monotonic() < deadline, "workflow did not complete"
             time.sleep(0.02)
+        # the gauge is read while the worker runs; a stopped worker reports no depth
+        assert "orchestrator.queue.depth" in _metric_points(reader)
     names = [s.name for s in spans.get_finished_spans()]
     assert "orchestrator.start_workflow" in names
     assert "orchestrator.poll_tasks" in names
     assert "orchestrator.complete_task" in names
     task_spans = [s for s in spans.get_finished_spans() if s.name == "orchestrator.task"]
-    assert sorted(s.attributes["task_id"] for s in task_spans) == ["a", "b"]
-    assert all(s.attributes["instance_id"] == str(instance.instance_id) for s in task_spans)
-    points = _metric_points(reader)
+    mine = [s for s in task_spans if s.attributes["instance_id"] == str(instance.instance_id)]
+    assert sorted(s.attributes["task_id"] for s in mine) == ["otel_a", "otel_b"]
+    points = _metric_points(reader, {"otel_a", "otel_b"})
     assert points["orchestrator.tasks.started"] == 2
     assert points["orchestrator.tasks.completed"] == 2
     assert points["orchestrator.tasks.ready_to_start"] == 2  # histogram: one observation per task
-    assert "orchestrator.queue.depth" in points
 
 
 def test_importing_the_engine_does_not_import_opentelemetry() -> None:
@@ -96,7 +102,7 @@ def test_without_opentelemetry_spans_and_metrics_are_no_ops() -> None:
         "from orchestrator_engine import telemetry\n"
         "with telemetry.span('x', a=1): pass\n"
         "telemetry.count('c'); telemetry.record_seconds('h', 0.1)\n"
-        "print(telemetry.enabled(), telemetry.observe_queue_depth(lambda: 1))\n"
+        "print(telemetry.enabled(), telemetry.observe_queue_depth(object(), None, lambda: 1))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False None"
