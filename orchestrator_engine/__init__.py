@@ -12,6 +12,7 @@ from .errors import (
     FencingError,
     InvalidDefinitionError,
     InvalidStateError,
+    LeaseLostError,
     MigrationError,
     OrchestratorError,
     PayloadError,
@@ -28,6 +29,7 @@ from .models import (
     WorkflowInstance,
     WorkflowState,
 )
+from .worker import TaskContext, Worker, WorkerStats
 
 __version__ = "0.1.0"
 
@@ -40,17 +42,21 @@ __all__ = [
     "FencingError",
     "InvalidDefinitionError",
     "InvalidStateError",
+    "LeaseLostError",
     "MigrationError",
     "OrchestratorError",
     "PayloadError",
     "RetryPolicy",
     "StartWorkflowRequest",
+    "TaskContext",
     "TaskCoordinator",
     "TaskDefinition",
     "TaskExecution",
     "TaskKind",
     "TaskNotFoundError",
     "TaskState",
+    "Worker",
+    "WorkerStats",
     "WorkflowCoordinator",
     "WorkflowDefinition",
     "WorkflowEvent",

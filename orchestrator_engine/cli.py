@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,12 +19,18 @@ from typing import Any
 import psycopg
 
 from .config import EngineConfig, parse_duration
-from .errors import OrchestratorError
+from .errors import MigrationError, OrchestratorError
 
 EXIT_OK, EXIT_VIOLATIONS, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
 
+class _UsageError(Exception):
+    """The command line lacks something only the caller can supply."""
+
+
 def _config(args: argparse.Namespace) -> EngineConfig:
+    if not args.dsn and not os.environ.get("ORCHESTRATOR_DATASOURCE_URL"):
+        raise _UsageError("give --dsn or set ORCHESTRATOR_DATASOURCE_URL")
     if args.dsn:
         return EngineConfig(dsn=args.dsn, schema=args.schema)
     config = EngineConfig.from_env()
@@ -213,11 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator-engine", description="Operate orchestrator-engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def command(
+        name: str, help: str, func: Callable[[argparse.Namespace], int], *, options: bool = True
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--dsn", help="PostgreSQL DSN (default: the ORCHESTRATOR_DATASOURCE_* environment)")
-        p.add_argument("--schema", default="orchestrator", help="engine schema (default: orchestrator)")
-        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if options:
+            p.add_argument("--schema", default="orchestrator", help="engine schema (default: orchestrator)")
+            p.add_argument("--json", action="store_true", help="print JSON for scripts")
         p.set_defaults(func=func)
         return p
 
@@ -255,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MigrationError as exc:
+        unreachable = isinstance(exc.__cause__, psycopg.OperationalError)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
     except (OrchestratorError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED

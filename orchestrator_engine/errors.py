@@ -38,7 +38,7 @@ class InvalidStateError(OrchestratorError):
 
 
 class FencingError(OrchestratorError):
-    """A complete/fail/renew came from a worker that no longer holds the lease."""
+    """A complete/fail came from a worker that no longer holds the lease (renewal returns False instead)."""
 
     def __init__(self, message: str, *, execution_id: Any = None, fence_token: int | None = None) -> None:
         super().__init__(message)
@@ -47,7 +47,11 @@ class FencingError(OrchestratorError):
 
 
 class ConcurrencyConflictError(OrchestratorError):
-    """An optimistic-lock update lost its race too many times."""
+    """A guarded update found the row changed underneath it (sequence guard, deadlock, serialization)."""
+
+
+class LeaseLostError(OrchestratorError):
+    """Raised inside ``TaskContext.transaction`` when the fence is stale: that transaction rolls back."""
 
 
 class DatabaseError(OrchestratorError):
@@ -65,6 +69,7 @@ __all__ = [
     "FencingError",
     "InvalidDefinitionError",
     "InvalidStateError",
+    "LeaseLostError",
     "MigrationError",
     "OrchestratorError",
     "PayloadError",

@@ -23,7 +23,7 @@ from . import telemetry
 from .config import EngineConfig
 from .coordinators import TaskCoordinator
 from .coordinators._engine import Engine, notify_channel
-from .errors import FencingError, OrchestratorError, PayloadError
+from .errors import FencingError, LeaseLostError, OrchestratorError, PayloadError
 from .models import TaskExecution
 
 log = logging.getLogger("orchestrator_engine.worker")
@@ -38,10 +38,6 @@ BUSY_REPOLL = 0.02
 BUSY_WINDOW = 1.0
 #: how often a result is re-sent after a dropped connection before the lease is left to lapse
 RESULT_RETRIES = 8
-
-
-class LeaseLostError(Exception):
-    """Raised inside ``TaskContext.transaction`` when the fence is stale: the transaction rolls back."""
 
 
 @dataclass

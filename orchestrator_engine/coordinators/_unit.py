@@ -70,7 +70,9 @@ class InstanceUnit:
                 "sequence_number": seq,
                 "event_type": name,
                 "payload": payload,
-                "idempotency_key": f"{self.instance_id}:{key or name.lower()}:{seq if key is None else ''}",
+                "idempotency_key": f"{self.instance_id}:{key}"
+                if key
+                else f"{self.instance_id}:{name.lower()}:{seq}",
             }
         )
 
@@ -256,6 +258,12 @@ class InstanceUnit:
         cancelled = self.repos.executions.task_cancel_open(self.conn, self.instance_id, kind)
         if cancelled:
             self.repos.executions.task_lease_delete(self.conn, [r["execution_id"] for r in cancelled])
+        for row in cancelled:
+            self.emit(
+                EventType.TASK_CANCELLED,
+                {"execution_id": str(row["execution_id"]), "task_id": row["task_id"], "kind": row["kind"]},
+                key=f"cancelled:{row['execution_id']}",
+            )
         return len(cancelled)
 
     def start_compensation(

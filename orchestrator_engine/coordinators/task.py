@@ -168,7 +168,10 @@ class TaskCoordinator:
         wid = as_uuid(worker_id, "worker_id")
         token = _fence(fence_token)
         if not isinstance(error, dict):
-            error = {"message": error if isinstance(error, str) else json.dumps(error, default=repr)}
+            if error is None:
+                error = {"message": "the task failed without saying why"}
+            else:
+                error = {"message": error if isinstance(error, str) else json.dumps(error, default=repr)}
         error_text = self._engine.encode(error, "task error")
         return self._finish(eid, wid, token, conn, "FAILED", error_text)
 

@@ -344,7 +344,8 @@ class WorkflowCoordinator:
         """Delete finished instances (with executions, leases, events) in bounded batches; return the count.
 
         Each batch is its own short transaction and skips rows another transaction holds, so purging
-        never blocks the engine for long. Only finished states may be purged.
+        never blocks the engine for long. By default only terminal states are purged; FAILED may be
+        named explicitly (it could still be retried, so purging it is the operator's decision).
         """
         if not isinstance(older_than, timedelta) or older_than < timedelta(0):
             raise ValueError("older_than must be a non-negative timedelta")
