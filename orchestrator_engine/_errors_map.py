@@ -26,4 +26,7 @@ def translate(exc: psycopg.Error) -> Exception:
     constraint = exc.diag.constraint_name
     if constraint and constraint in _CONSTRAINT_ERRORS:
         return _CONSTRAINT_ERRORS[constraint](f"constraint {constraint} refused the change")
+    if exc.sqlstate is None:
+        # refused by the driver before reaching the server (e.g. a NUL in a string parameter)
+        return DatabaseError(f"the driver refused the statement: {exc}")
     return DatabaseError(f"database error {exc.sqlstate}: {exc.diag.message_primary}")

@@ -97,7 +97,7 @@ class EngineConfig:
         except psycopg.ProgrammingError:
             # the driver's message may quote the DSN, password included
             raise ValueError(f"dsn is not a valid libpq connection string: {redact_dsn(self.dsn)}") from None
-        if not SCHEMA_PATTERN.match(self.schema):
+        if not SCHEMA_PATTERN.fullmatch(self.schema):
             raise ValueError(f"schema {self.schema!r} must match {SCHEMA_PATTERN.pattern}")
         for name in ("lease_duration", "renewal_interval", "poll_interval"):
             value = getattr(self, name)

@@ -99,7 +99,7 @@ def yoyo_url(dsn: str, schema: str) -> str:
 def _resolve(target: str | EngineConfig, schema: str) -> tuple[str, str]:
     if isinstance(target, EngineConfig):
         return target.dsn, target.schema
-    if not SCHEMA_PATTERN.match(schema):
+    if not SCHEMA_PATTERN.fullmatch(schema):
         # the name reaches yoyo's SET search_path unquoted, so only plain identifiers are allowed
         raise ValueError(f"schema {schema!r} must match {SCHEMA_PATTERN.pattern}")
     return target, schema

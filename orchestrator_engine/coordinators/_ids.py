@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from ..definitions import check_name
+from ..errors import InvalidDefinitionError
+
+MAX_RUN_ID = 256
+
 
 def as_uuid(value: object, what: str) -> UUID:
     """Return ``value`` as a UUID; a malformed string is a ValueError, another type a TypeError."""
@@ -15,3 +20,37 @@ def as_uuid(value: object, what: str) -> UUID:
         except ValueError:
             raise ValueError(f"{what} {value[:40]!r} is not a UUID") from None
     raise TypeError(f"{what} must be a UUID or a UUID string, got {type(value).__name__}")
+
+
+def as_name(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid namespace, workflow or task-type name; else ValueError/TypeError."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        return check_name(value, what)
+    except InvalidDefinitionError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def as_run_id(value: object) -> str:
+    """Return ``value`` if it is a usable run_id: 1-256 characters of valid Unicode without NUL."""
+    if not isinstance(value, str) or not value or len(value) > MAX_RUN_ID:
+        raise ValueError(f"run_id must be a non-empty string of at most {MAX_RUN_ID} characters")
+    if "\x00" in value:
+        raise ValueError("run_id must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("run_id must be valid Unicode") from None
+    return value
+
+
+def as_version(value: object) -> int | None:
+    """Return a definition version (a positive int) or None for the latest."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"version must be an int or None, got {type(value).__name__}")
+    if not 1 <= value < 2**31:
+        raise ValueError(f"version must be a positive int, got {value}")
+    return value

@@ -16,7 +16,7 @@ from ..errors import FencingError, InvalidStateError, TaskNotFoundError
 from ..models import EventType, TaskExecution, WorkflowState, execution_from_row
 from ..telemetry import traced
 from ._engine import Engine
-from ._ids import as_uuid
+from ._ids import as_name, as_uuid
 from ._unit import COMPENSATION, FORWARD
 
 W = WorkflowState
@@ -98,7 +98,9 @@ class TaskCoordinator:
             raise ValueError(f"limit must be an int between 1 and 1000, got {limit!r}")
         if isinstance(task_types, str):
             raise TypeError("task_types must be a list of task types, not a string")
-        types = None if task_types is None else list(task_types)
+        if namespace is not None:
+            as_name(namespace, "namespace")
+        types = None if task_types is None else [as_name(t, "task_type") for t in task_types]
         self.reclaim_expired_leases(limit=RECLAIM_PER_CALL)
         with self._engine.transaction() as c:
             rows = self._engine.repos.executions.task_poll_and_lease(

@@ -14,10 +14,9 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..config import EngineConfig
-from ..definitions import WorkflowDefinition, check_name
+from ..definitions import WorkflowDefinition
 from ..errors import (
     DefinitionConflictError,
-    InvalidDefinitionError,
     InvalidStateError,
     TaskNotFoundError,
     WorkflowNotFoundError,
@@ -34,11 +33,10 @@ from ..models import (
 )
 from ..telemetry import traced
 from ._engine import Engine
-from ._ids import as_uuid
+from ._ids import as_name, as_run_id, as_uuid, as_version
 from ._unit import COMPENSATION, FORWARD, InstanceUnit, execution_key
 
 W = WorkflowState
-MAX_RUN_ID = 256
 PURGEABLE = (W.COMPLETED, W.CANCELLED, W.COMPENSATED)
 
 
@@ -101,6 +99,9 @@ class WorkflowCoordinator:
 
     def get_definition(self, namespace: str, name: str, version: int | None = None) -> WorkflowDefinition:
         """Return a registered definition (the latest version when ``version`` is None)."""
+        as_name(namespace, "namespace")
+        as_name(name, "workflow name")
+        as_version(version)
         with self._engine.reading() as c:
             return self._resolve(c, namespace, name, version)
 
@@ -137,23 +138,10 @@ class WorkflowCoordinator:
     def _check_request(self, request: StartWorkflowRequest) -> str:
         if not isinstance(request, StartWorkflowRequest):
             raise TypeError(f"expected a StartWorkflowRequest, got {type(request).__name__}")
-        try:
-            check_name(request.namespace, "namespace")
-            check_name(request.workflow_name, "workflow name")
-        except InvalidDefinitionError as exc:
-            raise ValueError(str(exc)) from None
-        if not isinstance(request.run_id, str) or not request.run_id or len(request.run_id) > MAX_RUN_ID:
-            raise ValueError(f"run_id must be a non-empty string of at most {MAX_RUN_ID} characters")
-        if "\x00" in request.run_id:
-            raise ValueError("run_id must not contain NUL characters")
-        try:
-            request.run_id.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("run_id must be valid Unicode") from None
-        if request.version is not None and (
-            isinstance(request.version, bool) or not isinstance(request.version, int)
-        ):
-            raise TypeError("version must be an int or None")
+        as_name(request.namespace, "namespace")
+        as_name(request.workflow_name, "workflow name")
+        as_run_id(request.run_id)
+        as_version(request.version)
         return self._engine.encode(request.input, "workflow input")
 
     def _start(
@@ -228,6 +216,9 @@ class WorkflowCoordinator:
 
     def find_workflow(self, namespace: str, workflow_name: str, run_id: str) -> WorkflowInstance | None:
         """Return the instance started with this run_id, if any."""
+        as_name(namespace, "namespace")
+        as_name(workflow_name, "workflow name")
+        as_run_id(run_id)
         with self._engine.reading() as c:
             row = self._engine.repos.instances.workflow_get_by_run_id(c, namespace, workflow_name, run_id)
         return None if row is None else instance_from_row(row)

@@ -8,6 +8,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .._errors_map import translate
+from ..errors import PayloadError
 from ..sql import queries
 
 Row = dict[str, Any]
@@ -26,6 +27,8 @@ class Repository:
                 return cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise translate(exc) from exc
+        except UnicodeEncodeError as exc:
+            raise PayloadError(f"a parameter of {name} is not valid Unicode") from exc
 
     def _one(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> Row | None:
         rows = self._all(conn, name, params)
@@ -38,3 +41,5 @@ class Repository:
                 return cur.rowcount
         except psycopg.Error as exc:
             raise translate(exc) from exc
+        except UnicodeEncodeError as exc:
+            raise PayloadError(f"a parameter of {name} is not valid Unicode") from exc
