@@ -45,7 +45,8 @@ from orchestrator_engine import (
     create_pool,
 )
 from orchestrator_engine.check import check_invariants
-from orchestrator_engine.worker import Handler, LeaseLostError, TaskContext, Worker
+from orchestrator_engine.errors import LeaseLostError
+from orchestrator_engine.worker import Handler, TaskContext, Worker
 
 if TYPE_CHECKING:
     from typing_extensions import LiteralString
