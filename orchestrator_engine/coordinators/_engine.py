@@ -83,6 +83,10 @@ class Engine:
         row = self.repos.instances.workflow_lock(conn, instance_id)
         if row is None:
             raise WorkflowNotFoundError(f"no workflow instance {instance_id}")
+        return self.unit(conn, row)
+
+    def unit(self, conn: psycopg.Connection[Any], row: dict[str, Any]) -> InstanceUnit:
+        """Return the unit of work for an instance row this transaction has locked."""
         definition = self.definition(conn, row["namespace"], row["workflow_name"], row["workflow_version"])
         return InstanceUnit(self, conn, row, definition)
 

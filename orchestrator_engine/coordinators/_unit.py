@@ -90,10 +90,10 @@ class InstanceUnit:
         """Write the queued events and the instance row under the sequence guard."""
         if not self.events and self.state.value == self.row["state"]:
             return self.row  # nothing happened: leave the row (and updated_at) untouched
-        if self.events:
-            self.repos.events.event_insert_many(self.conn, self.events)
         row = self.repos.instances.workflow_update_if_sequence(
             self.conn,
+            events=json.dumps(self.events, default=str),
+            event_count=len(self.events),
             instance_id=self.instance_id,
             expected=self.expected,
             new_sequence=self.expected + len(self.events),
@@ -139,12 +139,14 @@ class InstanceUnit:
     # -- task outcomes ---------------------------------------------------------------------------
 
     def task_completed(self, row: Row) -> None:
-        """Record an accepted completion and advance the DAG (or the compensation order)."""
+        """Record an accepted completion and advance the DAG (or the compensation order).
+
+        The statement that accepted it already deleted the execution's lease row.
+        """
         kind = row["kind"]
         self.emit(
             _event_name(kind, "COMPLETED"), self._task_payload(row), key=f"completed:{row['execution_id']}"
         )
-        self.repos.executions.task_lease_delete(self.conn, [row["execution_id"]])
         released = self.repos.executions.task_release_dependents(
             self.conn, self.instance_id, row["task_id"], kind
         )
@@ -169,7 +171,6 @@ class InstanceUnit:
             self._task_payload(row, error=row["error"], lease_lapsed=lapsed),
             key=f"failed:{row['execution_id']}",
         )
-        self.repos.executions.task_lease_delete(self.conn, [row["execution_id"]])
         tries = row["attempt_number"] + row["lapse_count"]
         if tries < row["max_attempts"] and self.state not in (W.CANCELLED, W.COMPENSATED, W.COMPLETED):
             policy = self.definition.by_id[row["task_id"]].retry

@@ -12,7 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from .. import telemetry
 from ..config import EngineConfig
-from ..errors import FencingError, InvalidStateError, TaskNotFoundError
+from ..errors import FencingError, InvalidStateError, OrchestratorError, PayloadError, TaskNotFoundError
 from ..models import EventType, TaskExecution, WorkflowState, execution_from_row
 from ..telemetry import traced
 from ._engine import Engine
@@ -101,16 +101,15 @@ class TaskCoordinator:
         if namespace is not None:
             as_name(namespace, "namespace")
         types = None if task_types is None else [as_name(t, "task_type") for t in task_types]
-        self.reclaim_expired_leases(limit=RECLAIM_PER_CALL)
         with self._engine.transaction() as c:
+            # recovery needs no daemon: each poll first reclaims a few lapsed leases (SKIP LOCKED)
+            self._reclaim(c, RECLAIM_PER_CALL)
             rows = self._engine.repos.executions.task_poll_and_lease(
                 c,
                 worker_id=wid,
                 namespace=namespace,
                 task_types=types,
                 limit=limit,
-                # look a little past the batch: executions other pollers hold are skipped
-                scan=limit * 4,
                 lease=self._config.lease_duration,
             )
             if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
@@ -120,19 +119,22 @@ class TaskCoordinator:
     @traced("orchestrator.reclaim_expired_leases")
     def reclaim_expired_leases(self, *, limit: int = 100) -> int:
         """Requeue (or fail, when out of tries or past the timeout) executions whose lease lapsed."""
-        repos = self._engine.repos
         with self._engine.transaction() as c:
-            lapsed = repos.executions.task_select_lapsed(c, limit)
-            by_instance: dict[UUID, list[UUID]] = {}
-            for r in lapsed:
-                by_instance.setdefault(r["workflow_instance_id"], []).append(r["execution_id"])
-            for instance_id, execution_ids in by_instance.items():
-                unit = self._engine.lock(c, instance_id)  # already locked by task_select_lapsed: no wait
-                for eid in execution_ids:
-                    row = repos.executions.task_get(c, eid)
-                    if row is not None and row["state"] == "RUNNING":
-                        unit.task_lapsed(row)
-                unit.flush()
+            return self._reclaim(c, limit)
+
+    def _reclaim(self, c: psycopg.Connection[Any], limit: int) -> int:
+        repos = self._engine.repos
+        lapsed = repos.executions.task_select_lapsed(c, limit)
+        by_instance: dict[UUID, list[UUID]] = {}
+        for r in lapsed:
+            by_instance.setdefault(r["workflow_instance_id"], []).append(r["execution_id"])
+        for instance_id, execution_ids in by_instance.items():
+            unit = self._engine.lock(c, instance_id)  # already locked by task_select_lapsed: no wait
+            for eid in execution_ids:
+                row = repos.executions.task_get(c, eid)
+                if row is not None and row["state"] == "RUNNING":
+                    unit.task_lapsed(row)
+            unit.flush()
         telemetry.count("orchestrator.leases.lapsed", len(lapsed))
         return len(lapsed)
 
@@ -177,40 +179,78 @@ class TaskCoordinator:
         error_text = self._engine.encode(error, "task error")
         return self._finish(eid, wid, token, conn, "FAILED", error_text)
 
+    @traced("orchestrator.complete_tasks")
+    def complete_tasks(
+        self, worker_id: UUID | str, results: Iterable[tuple[UUID | str, int, Any]]
+    ) -> dict[UUID, TaskExecution | OrchestratorError]:
+        """Complete many executions held by one worker in one transaction (one commit for all).
+
+        ``results`` holds ``(execution_id, fence_token, output)``. Each result is judged on its own:
+        the answer maps each execution id to its completed TaskExecution, or to the FencingError or
+        PayloadError that refused it. Instances are locked in instance order, so concurrent batches
+        cannot deadlock. A database error fails the whole batch; retrying it is safe.
+        """
+        wid = as_uuid(worker_id, "worker_id")
+        outcome: dict[UUID, TaskExecution | OrchestratorError] = {}
+        todo: list[tuple[UUID, int, str]] = []
+        for execution_id, fence_token, output in results:
+            eid = as_uuid(execution_id, "execution_id")
+            try:
+                todo.append((eid, _fence(fence_token), self._engine.encode(output, "task output")))
+            except PayloadError as exc:
+                outcome[eid] = exc
+        if not todo:
+            return outcome
+        repos = self._engine.repos
+        with self._engine.transaction() as c:
+            order = repos.executions.task_instances_of(c, [eid for eid, _, _ in todo])
+            todo.sort(key=lambda item: (str(order.get(item[0], "")), str(item[0])))
+            for eid, token, text in todo:
+                try:
+                    outcome[eid] = self._finish_in(c, eid, wid, token, "COMPLETED", text)
+                except FencingError as exc:
+                    outcome[eid] = exc
+        return outcome
+
     def _finish(
         self, eid: UUID, wid: UUID, token: int, conn: psycopg.Connection[Any] | None, outcome: str, text: str
     ) -> TaskExecution:
-        repos = self._engine.repos
         with self._engine.transaction(conn) as c:
-            current = repos.executions.task_get(c, eid)
-            if current is None:
-                raise FencingError(f"no execution {eid}", execution_id=eid, fence_token=token)
-            unit = self._engine.lock(c, current["workflow_instance_id"])
-            params = {"execution_id": eid, "worker_id": wid, "fence_token": token}
-            if outcome == "COMPLETED":
-                row = repos.executions.task_complete_if_fenced(c, output=text, **params)
-            else:
-                row = repos.executions.task_fail_if_fenced(c, error=text, **params)
-            if row is None:
-                latest = repos.executions.task_get(c, eid)
-                assert latest is not None
-                if (
-                    latest["state"] == outcome
-                    and latest["lease_holder"] == wid
-                    and latest["fence_token"] == token
-                ):
-                    return execution_from_row(latest)  # a retried call whose first try committed
-                raise FencingError(
-                    f"execution {eid} is not held by worker {wid} with fence token {token} "
-                    f"(state {latest['state']}, token {latest['fence_token']})",
-                    execution_id=eid,
-                    fence_token=token,
-                )
-            if outcome == "COMPLETED":
-                unit.task_completed(row)
-            else:
-                unit.task_failed(row)
-            unit.flush()
+            return self._finish_in(c, eid, wid, token, outcome, text)
+
+    def _finish_in(
+        self, c: psycopg.Connection[Any], eid: UUID, wid: UUID, token: int, outcome: str, text: str
+    ) -> TaskExecution:
+        repos = self._engine.repos
+        locked = repos.instances.workflow_lock_for_execution(c, eid)
+        if locked is None:
+            raise FencingError(f"no execution {eid}", execution_id=eid, fence_token=token)
+        unit = self._engine.unit(c, locked)
+        params = {"execution_id": eid, "worker_id": wid, "fence_token": token}
+        if outcome == "COMPLETED":
+            row = repos.executions.task_complete_if_fenced(c, output=text, **params)
+        else:
+            row = repos.executions.task_fail_if_fenced(c, error=text, **params)
+        if row is None:
+            latest = repos.executions.task_get(c, eid)
+            assert latest is not None
+            if (
+                latest["state"] == outcome
+                and latest["lease_holder"] == wid
+                and latest["fence_token"] == token
+            ):
+                return execution_from_row(latest)  # a retried call whose first try committed
+            raise FencingError(
+                f"execution {eid} is not held by worker {wid} with fence token {token} "
+                f"(state {latest['state']}, token {latest['fence_token']})",
+                execution_id=eid,
+                fence_token=token,
+            )
+        if outcome == "COMPLETED":
+            unit.task_completed(row)
+        else:
+            unit.task_failed(row)
+        unit.flush()
         return execution_from_row(row)
 
     def renew_lease(self, execution_id: UUID | str, worker_id: UUID | str) -> bool:

@@ -148,12 +148,17 @@ class WorkflowCoordinator:
         self, c: psycopg.Connection[Any], request: StartWorkflowRequest, input_text: str
     ) -> WorkflowInstance:
         repos = self._engine.repos
-        existing = repos.instances.workflow_get_by_run_id(
-            c, request.namespace, request.workflow_name, request.run_id
-        )
-        if existing is not None:
+        # no existence check first: the insert's ON CONFLICT answers it in the same round trip
+        try:
+            definition = self._resolve(c, request.namespace, request.workflow_name, request.version)
+        except WorkflowNotFoundError:
+            # the same run_id always returns its instance, even if the version asked for is unknown
+            existing = repos.instances.workflow_get_by_run_id(
+                c, request.namespace, request.workflow_name, request.run_id
+            )
+            if existing is None:
+                raise
             return instance_from_row(existing)
-        definition = self._resolve(c, request.namespace, request.workflow_name, request.version)
         instance_id = uuid.uuid4()
         row = repos.instances.workflow_insert_if_absent(
             c,

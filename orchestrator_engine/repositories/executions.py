@@ -19,6 +19,10 @@ class ExecutionRepository(Repository):
     def task_insert_retry(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
         return self._one(conn, "task_insert_retry", params)
 
+    def task_instances_of(self, conn: psycopg.Connection[Any], execution_ids: list[UUID]) -> dict[UUID, UUID]:
+        rows = self._all(conn, "task_instances_of", {"execution_ids": execution_ids})
+        return {r["execution_id"]: r["workflow_instance_id"] for r in rows}
+
     def task_get(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Row | None:
         return self._one(conn, "task_get", {"execution_id": execution_id})
 

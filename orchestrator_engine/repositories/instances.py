@@ -26,6 +26,9 @@ class InstanceRepository(Repository):
     def workflow_lock(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:
         return self._one(conn, "workflow_lock", {"instance_id": instance_id})
 
+    def workflow_lock_for_execution(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Row | None:
+        return self._one(conn, "workflow_lock_for_execution", {"execution_id": execution_id})
+
     def workflow_update_if_sequence(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
         return self._one(conn, "workflow_update_if_sequence", params)
 

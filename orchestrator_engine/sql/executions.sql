@@ -26,6 +26,10 @@ FROM {schema}.task_executions e
 WHERE e.execution_id = %(execution_id)s
 RETURNING *
 
+-- name: task_instances_of
+SELECT execution_id, workflow_instance_id FROM {schema}.task_executions
+WHERE execution_id = ANY(%(execution_ids)s::uuid[])
+
 -- name: task_get
 SELECT * FROM {schema}.task_executions WHERE execution_id = %(execution_id)s
 
@@ -72,11 +76,11 @@ RETURNING e.*
 -- name: task_poll_and_lease
 -- Pick the oldest ready executions of running workflows, lease them, write one TASK_STARTED event each
 -- and advance each instance's sequence, all in one statement.
--- Lock order (the rule every writer follows): instance rows first, then their executions. Pollers are
--- the only writers that lock several instances, and they lock them in instance_id order, so no cycle of
--- waits can form; an execution is locked (SKIP LOCKED, never waiting) only once its instance is held.
-WITH candidates AS (
-    SELECT e.execution_id, e.workflow_instance_id
+-- A poller never waits: it locks each candidate's instance row and execution with SKIP LOCKED, so it
+-- cannot be part of a cycle of waits, and it never queues behind a busy instance (a worker that comes
+-- back short re-polls soon). Row locking re-reads the newest committed instance row, so seq0 is current.
+WITH picked AS (
+    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at, w.sequence_number AS seq0
     FROM {schema}.task_executions e
     JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
     WHERE e.state = 'READY' AND e.ready_at <= now()
@@ -84,22 +88,8 @@ WITH candidates AS (
       AND (%(namespace)s::text IS NULL OR e.namespace = %(namespace)s::text)
       AND (%(task_types)s::text[] IS NULL OR e.task_type = ANY(%(task_types)s::text[]))
     ORDER BY e.ready_at
-    LIMIT %(scan)s
-), instances AS (
-    SELECT w.instance_id, w.sequence_number AS seq0
-    FROM {schema}.workflow_instances w
-    WHERE w.instance_id IN (SELECT c.workflow_instance_id FROM candidates c)
-      AND w.state IN ('RUNNING', 'COMPENSATING')
-    ORDER BY w.instance_id
-    FOR NO KEY UPDATE
-), picked AS (
-    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at, i.seq0
-    FROM {schema}.task_executions e
-    JOIN instances i ON i.instance_id = e.workflow_instance_id
-    WHERE e.execution_id IN (SELECT c.execution_id FROM candidates c) AND e.state = 'READY'
-    ORDER BY e.ready_at
     LIMIT %(limit)s
-    FOR NO KEY UPDATE OF e SKIP LOCKED
+    FOR NO KEY UPDATE OF w, e SKIP LOCKED
 ), numbered AS (
     SELECT p.*,
            row_number() OVER (PARTITION BY p.workflow_instance_id ORDER BY p.ready_at, p.execution_id) AS rn,
@@ -165,24 +155,42 @@ WHERE execution_id = %(execution_id)s AND state = 'RUNNING' AND lease_expires_at
 RETURNING *
 
 -- name: task_fail_if_lapsed
-UPDATE {schema}.task_executions
-SET state = 'FAILED', error = %(error)s::jsonb, finished_at = now(), lapse_count = lapse_count + %(lapse)s
-WHERE execution_id = %(execution_id)s AND state = 'RUNNING' AND lease_expires_at < now()
-RETURNING *
+-- The finished execution's lease row goes in the same statement.
+WITH finished AS (
+    UPDATE {schema}.task_executions
+    SET state = 'FAILED', error = %(error)s::jsonb, finished_at = now(), lapse_count = lapse_count + %(lapse)s
+    WHERE execution_id = %(execution_id)s AND state = 'RUNNING' AND lease_expires_at < now()
+    RETURNING *
+), released AS (
+    DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
+)
+SELECT * FROM finished
 
 -- name: task_complete_if_fenced
-UPDATE {schema}.task_executions
-SET state = 'COMPLETED', output = %(output)s::jsonb, finished_at = now()
-WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
-  AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
-RETURNING *
+-- The finished execution's lease row goes in the same statement.
+WITH finished AS (
+    UPDATE {schema}.task_executions
+    SET state = 'COMPLETED', output = %(output)s::jsonb, finished_at = now()
+    WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
+      AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
+    RETURNING *
+), released AS (
+    DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
+)
+SELECT * FROM finished
 
 -- name: task_fail_if_fenced
-UPDATE {schema}.task_executions
-SET state = 'FAILED', error = %(error)s::jsonb, finished_at = now()
-WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
-  AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
-RETURNING *
+-- The finished execution's lease row goes in the same statement.
+WITH finished AS (
+    UPDATE {schema}.task_executions
+    SET state = 'FAILED', error = %(error)s::jsonb, finished_at = now()
+    WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
+      AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
+    RETURNING *
+), released AS (
+    DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
+)
+SELECT * FROM finished
 
 -- name: task_renew_many_if_held
 -- A lapsed lease is not renewable (the worker must drop its result), nor is one past its task's

@@ -19,7 +19,24 @@ WHERE namespace = %(namespace)s AND workflow_name = %(workflow_name)s AND run_id
 -- here instead of failing their sequence guard; writers of executions lock the instance before them.
 SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s FOR NO KEY UPDATE
 
+-- name: workflow_lock_for_execution
+SELECT * FROM {schema}.workflow_instances
+WHERE instance_id = (SELECT e.workflow_instance_id FROM {schema}.task_executions e
+                     WHERE e.execution_id = %(execution_id)s)
+FOR NO KEY UPDATE
+
 -- name: workflow_update_if_sequence
+-- Append the unit of work's events and move the instance on, in one round trip.
+WITH appended AS (
+    INSERT INTO {schema}.events
+        (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
+    SELECT gen_random_uuid(), r.workflow_instance_id, r.sequence_number, r.event_type, r.payload,
+           r.idempotency_key
+    FROM jsonb_to_recordset(%(events)s::jsonb)
+        AS r(workflow_instance_id uuid, sequence_number bigint, event_type text, payload jsonb,
+             idempotency_key text)
+    RETURNING 1
+)
 UPDATE {schema}.workflow_instances
 SET state = %(state)s,
     output = COALESCE(%(output)s::jsonb, output),
@@ -28,6 +45,7 @@ SET state = %(state)s,
     sequence_number = %(new_sequence)s,
     updated_at = now()
 WHERE instance_id = %(instance_id)s AND sequence_number = %(expected)s
+  AND (SELECT count(*) FROM appended) = %(event_count)s
 RETURNING *
 
 -- name: workflow_collect_output
