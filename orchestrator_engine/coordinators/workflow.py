@@ -34,7 +34,7 @@ from ..models import (
 from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_name, as_run_id, as_uuid, as_version
-from ._unit import COMPENSATION, FORWARD, InstanceUnit, execution_key
+from ._unit import COMPENSATION, FORWARD, execution_key
 
 W = WorkflowState
 PURGEABLE = (W.COMPLETED, W.CANCELLED, W.COMPENSATED)
@@ -124,7 +124,7 @@ class WorkflowCoordinator:
         """Start a run, or return the existing one for the same (namespace, workflow_name, run_id)."""
         input_text = self._check_request(request)
         with self._engine.transaction(conn) as c:
-            return self._start(c, request, input_text)
+            return self._start_many(c, [(request, input_text)])[0]
 
     @traced("orchestrator.start_workflows")
     def start_workflows(
@@ -132,8 +132,10 @@ class WorkflowCoordinator:
     ) -> list[WorkflowInstance]:
         """Start many runs in one transaction; each is idempotent per run_id like ``start_workflow``."""
         checked = [(r, self._check_request(r)) for r in requests]
+        if not checked:
+            return []
         with self._engine.transaction(conn) as c:
-            return [self._start(c, r, text) for r, text in checked]
+            return self._start_many(c, checked)
 
     def _check_request(self, request: StartWorkflowRequest) -> str:
         if not isinstance(request, StartWorkflowRequest):
@@ -144,68 +146,111 @@ class WorkflowCoordinator:
         as_version(request.version)
         return self._engine.encode(request.input, "workflow input")
 
-    def _start(
-        self, c: psycopg.Connection[Any], request: StartWorkflowRequest, input_text: str
-    ) -> WorkflowInstance:
+    def _start_many(
+        self, c: psycopg.Connection[Any], checked: list[tuple[StartWorkflowRequest, str]]
+    ) -> list[WorkflowInstance]:
+        """Start a batch with one statement; run_ids that exist (or repeat) return their instance."""
         repos = self._engine.repos
-        # no existence check first: the insert's ON CONFLICT answers it in the same round trip
-        try:
-            definition = self._resolve(c, request.namespace, request.workflow_name, request.version)
-        except WorkflowNotFoundError:
-            # the same run_id always returns its instance, even if the version asked for is unknown
-            existing = repos.instances.workflow_get_by_run_id(
-                c, request.namespace, request.workflow_name, request.run_id
-            )
-            if existing is None:
-                raise
-            return instance_from_row(existing)
+        definitions: dict[tuple[str, str, int | None], WorkflowDefinition | None] = {}
+        instances: list[dict[str, Any]] = []
+        tasks: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        for order, (request, input_text) in enumerate(checked):
+            key = (request.namespace, request.workflow_name, request.version)
+            if key not in definitions:
+                try:
+                    definitions[key] = self._resolve(c, *key)
+                except WorkflowNotFoundError:
+                    definitions[key] = None  # fine if the run_id exists already; checked below
+            definition = definitions[key]
+            if definition is not None:
+                self._plan_start(request, input_text, definition, order, instances, tasks, events)
+        started = {
+            (r["namespace"], r["workflow_name"], r["run_id"]): r
+            for r in repos.instances.workflow_start_many(c, instances, tasks, events)
+        }
+        out = []
+        for request, _ in checked:
+            row = started.get((request.namespace, request.workflow_name, request.run_id))
+            if row is None:
+                # started before (or by a concurrent caller, whose commit ON CONFLICT waited for)
+                row = repos.instances.workflow_get_by_run_id(
+                    c, request.namespace, request.workflow_name, request.run_id
+                )
+            if row is None:
+                version = "latest version" if request.version is None else f"version {request.version}"
+                raise WorkflowNotFoundError(
+                    f"no workflow {request.namespace}/{request.workflow_name} {version}"
+                )
+            out.append(instance_from_row(row))
+        for namespace in sorted({ns for ns, _, _ in started}):
+            self._engine.notify(c, namespace)
+        return out
+
+    @staticmethod
+    def _plan_start(
+        request: StartWorkflowRequest,
+        input_text: str,
+        definition: WorkflowDefinition,
+        order: int,
+        instances: list[dict[str, Any]],
+        tasks: list[dict[str, Any]],
+        events: list[dict[str, Any]],
+    ) -> None:
         instance_id = uuid.uuid4()
-        row = repos.instances.workflow_insert_if_absent(
-            c,
-            instance_id=instance_id,
-            namespace=request.namespace,
-            workflow_name=request.workflow_name,
-            workflow_version=definition.version,
-            run_id=request.run_id,
-            input=input_text,
-            pending_tasks=len(definition.tasks),
-        )
-        if row is None:
-            # another caller inserted the same run_id first; ON CONFLICT waited for its commit
-            winner = repos.instances.workflow_get_by_run_id(
-                c, request.namespace, request.workflow_name, request.run_id
-            )
-            assert winner is not None
-            return instance_from_row(winner)
-        unit = InstanceUnit(self._engine, c, row, definition)
-        unit.emit(
-            EventType.WORKFLOW_STARTED,
-            {"run_id": request.run_id, "workflow_version": definition.version},
-            key="started",
-        )
+        iid = str(instance_id)
         workflow_input = json.loads(input_text)
-        rows = [
-            {
-                "execution_id": str(uuid.uuid4()),
-                "workflow_instance_id": str(instance_id),
-                "namespace": request.namespace,
-                "task_id": t.task_id,
-                "task_type": t.type,
-                "kind": FORWARD,
-                "idempotency_key": execution_key(instance_id, FORWARD, t.task_id, 1),
-                "attempt_number": 1,
-                "lapse_count": 0,
-                "max_attempts": t.retry.max_attempts,
-                "state": "PENDING" if t.depends_on else "READY",
-                "depends_on": list(t.depends_on),
-                "deps_remaining": len(t.depends_on),
-                "input": None if t.depends_on else {"workflow": workflow_input, "dependencies": {}},
-                "timeout_ms": None if t.timeout is None else round(t.timeout.total_seconds() * 1000),
-            }
-            for t in definition.tasks
+        own: list[tuple[str, dict[str, Any], str]] = [
+            (
+                EventType.WORKFLOW_STARTED.value,
+                {"run_id": request.run_id, "workflow_version": definition.version},
+                f"{iid}:started",
+            )
         ]
-        unit.scheduled_events(repos.executions.task_insert_many(c, rows))
-        return instance_from_row(unit.flush())
+        for t in definition.tasks:
+            execution_id = str(uuid.uuid4())
+            tasks.append(
+                {
+                    "execution_id": execution_id,
+                    "workflow_instance_id": iid,
+                    "namespace": request.namespace,
+                    "task_id": t.task_id,
+                    "task_type": t.type,
+                    "idempotency_key": execution_key(instance_id, FORWARD, t.task_id, 1),
+                    "max_attempts": t.retry.max_attempts,
+                    "state": "PENDING" if t.depends_on else "READY",
+                    "depends_on": list(t.depends_on),
+                    "deps_remaining": len(t.depends_on),
+                    "input": None if t.depends_on else {"workflow": workflow_input, "dependencies": {}},
+                    "timeout_ms": None if t.timeout is None else round(t.timeout.total_seconds() * 1000),
+                }
+            )
+            if not t.depends_on:
+                payload = {"execution_id": execution_id, "task_id": t.task_id, "attempt": 1}
+                own.append((EventType.TASK_SCHEDULED.value, payload, f"{iid}:scheduled:{execution_id}:0"))
+        events.extend(
+            {
+                "workflow_instance_id": iid,
+                "sequence_number": seq,
+                "event_type": event_type,
+                "payload": payload,
+                "idempotency_key": key,
+            }
+            for seq, (event_type, payload, key) in enumerate(own, start=1)
+        )
+        instances.append(
+            {
+                "instance_id": iid,
+                "namespace": request.namespace,
+                "workflow_name": request.workflow_name,
+                "workflow_version": definition.version,
+                "run_id": request.run_id,
+                "input": workflow_input,
+                "pending_tasks": len(definition.tasks),
+                "sequence_number": len(own),
+                "ord": order,
+            }
+        )
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from uuid import UUID
 
@@ -13,6 +14,20 @@ from .base import Repository, Row
 class InstanceRepository(Repository):
     def workflow_insert_if_absent(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
         return self._one(conn, "workflow_insert_if_absent", params)
+
+    def workflow_start_many(
+        self,
+        conn: psycopg.Connection[Any],
+        instances: list[dict[str, Any]],
+        tasks: list[dict[str, Any]],
+        events: list[dict[str, Any]],
+    ) -> list[Row]:
+        params = {
+            "instances": json.dumps(instances, default=str),
+            "tasks": json.dumps(tasks, default=str),
+            "events": json.dumps(events, default=str),
+        }
+        return self._all(conn, "workflow_start_many", params)
 
     def workflow_get(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:
         return self._one(conn, "workflow_get", {"instance_id": instance_id})

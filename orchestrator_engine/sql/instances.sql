@@ -52,3 +52,47 @@ RETURNING *
 SELECT COALESCE(jsonb_object_agg(task_id, output), jsonb_build_object()) AS output
 FROM {schema}.task_executions
 WHERE workflow_instance_id = %(instance_id)s AND kind = 'FORWARD' AND state = 'COMPLETED'
+
+-- name: workflow_start_many
+-- Start a batch in one statement: instances (ON CONFLICT skips run_ids that exist), then the tasks
+-- and the first events of only the instances this statement inserted. Each instance is born with the
+-- sequence number of its last event, so no second update is needed.
+WITH requested AS (
+    SELECT * FROM jsonb_to_recordset(%(instances)s::jsonb) AS r(
+        instance_id uuid, namespace text, workflow_name text, workflow_version integer, run_id text,
+        input jsonb, pending_tasks integer, sequence_number bigint, ord integer)
+), started AS (
+    INSERT INTO {schema}.workflow_instances
+        (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
+         pending_tasks)
+    SELECT q.instance_id, q.namespace, q.workflow_name, q.workflow_version, q.run_id, 'RUNNING', q.input,
+           q.sequence_number, q.pending_tasks
+    FROM requested q
+    ORDER BY q.ord
+    ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
+    RETURNING *
+), tasks AS (
+    INSERT INTO {schema}.task_executions
+        (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,
+         attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at)
+    SELECT r.execution_id, r.workflow_instance_id, r.namespace, r.task_id, r.task_type, 'FORWARD',
+           r.idempotency_key, 1, 0, r.max_attempts, r.state, r.depends_on, r.deps_remaining, r.input,
+           make_interval(secs => r.timeout_ms / 1000.0), CASE WHEN r.state = 'READY' THEN now() END
+    FROM jsonb_to_recordset(%(tasks)s::jsonb) AS r(
+        execution_id uuid, workflow_instance_id uuid, namespace text, task_id text, task_type text,
+        idempotency_key text, max_attempts integer, state text, depends_on text[], deps_remaining integer,
+        input jsonb, timeout_ms bigint)
+    WHERE r.workflow_instance_id IN (SELECT s.instance_id FROM started s)
+    RETURNING 1
+), logged AS (
+    INSERT INTO {schema}.events
+        (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
+    SELECT gen_random_uuid(), r.workflow_instance_id, r.sequence_number, r.event_type, r.payload,
+           r.idempotency_key
+    FROM jsonb_to_recordset(%(events)s::jsonb) AS r(
+        workflow_instance_id uuid, sequence_number bigint, event_type text, payload jsonb, idempotency_key text)
+    WHERE r.workflow_instance_id IN (SELECT s.instance_id FROM started s)
+    RETURNING 1
+)
+SELECT s.*, (SELECT count(*) FROM tasks) AS tasks_written, (SELECT count(*) FROM logged) AS events_written
+FROM started s
