@@ -54,7 +54,7 @@ class InstanceUnit:
         self.expected: int = row["sequence_number"]
         self.pending_tasks: int = row["pending_tasks"]
         self.pending_compensations: int = row["pending_compensations"]
-        self.output: str | None = None
+        self.collect_output = False
         self.events: list[dict[str, Any]] = []
         self.scheduled = False
 
@@ -98,7 +98,7 @@ class InstanceUnit:
             expected=self.expected,
             new_sequence=self.expected + len(self.events),
             state=self.state.value,
-            output=self.output,
+            collect_output=self.collect_output,
             pending_tasks=self.pending_tasks,
             pending_compensations=self.pending_compensations,
         )
@@ -147,16 +147,15 @@ class InstanceUnit:
         self.emit(
             _event_name(kind, "COMPLETED"), self._task_payload(row), key=f"completed:{row['execution_id']}"
         )
-        released = self.repos.executions.task_release_dependents(
-            self.conn, self.instance_id, row["task_id"], kind
-        )
-        self.scheduled_events(released)
+        if kind != FORWARD or self.definition.dependents[row["task_id"]]:
+            released = self.repos.executions.task_release_dependents(
+                self.conn, self.instance_id, row["task_id"], kind
+            )
+            self.scheduled_events(released)
         if kind == FORWARD:
             self.pending_tasks -= 1
             if self.pending_tasks == 0 and self.state in (W.RUNNING, W.PAUSED):
-                self.output = json.dumps(
-                    self.repos.instances.workflow_collect_output(self.conn, self.instance_id)
-                )
+                self.collect_output = True  # the final update gathers every task's output
                 self.move(W.COMPLETED, EventType.WORKFLOW_COMPLETED, {})
         else:
             self.pending_compensations -= 1

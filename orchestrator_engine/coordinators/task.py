@@ -222,10 +222,6 @@ class TaskCoordinator:
         self, c: psycopg.Connection[Any], eid: UUID, wid: UUID, token: int, outcome: str, text: str
     ) -> TaskExecution:
         repos = self._engine.repos
-        locked = repos.instances.workflow_lock_for_execution(c, eid)
-        if locked is None:
-            raise FencingError(f"no execution {eid}", execution_id=eid, fence_token=token)
-        unit = self._engine.unit(c, locked)
         params = {"execution_id": eid, "worker_id": wid, "fence_token": token}
         if outcome == "COMPLETED":
             row = repos.executions.task_complete_if_fenced(c, output=text, **params)
@@ -233,7 +229,8 @@ class TaskCoordinator:
             row = repos.executions.task_fail_if_fenced(c, error=text, **params)
         if row is None:
             latest = repos.executions.task_get(c, eid)
-            assert latest is not None
+            if latest is None:
+                raise FencingError(f"no execution {eid}", execution_id=eid, fence_token=token)
             if (
                 latest["state"] == outcome
                 and latest["lease_holder"] == wid
@@ -246,6 +243,8 @@ class TaskCoordinator:
                 execution_id=eid,
                 fence_token=token,
             )
+        instance = {k[2:]: row.pop(k) for k in [k for k in row if k.startswith("w_")]}
+        unit = self._engine.unit(c, instance)
         if outcome == "COMPLETED":
             unit.task_completed(row)
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from uuid import UUID
 
@@ -12,9 +11,6 @@ from .base import Repository, Row
 
 
 class EventRepository(Repository):
-    def event_insert_many(self, conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> int:
-        return self._run(conn, "event_insert_many", {"rows": json.dumps(rows, default=str)})
-
     def event_list_for_instance(self, conn: psycopg.Connection[Any], instance_id: UUID) -> list[Row]:
         return self._all(conn, "event_list_for_instance", {"instance_id": instance_id})
 

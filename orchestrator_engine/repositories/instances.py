@@ -41,12 +41,5 @@ class InstanceRepository(Repository):
     def workflow_lock(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:
         return self._one(conn, "workflow_lock", {"instance_id": instance_id})
 
-    def workflow_lock_for_execution(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Row | None:
-        return self._one(conn, "workflow_lock_for_execution", {"execution_id": execution_id})
-
     def workflow_update_if_sequence(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
         return self._one(conn, "workflow_update_if_sequence", params)
-
-    def workflow_collect_output(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Any:
-        row = self._one(conn, "workflow_collect_output", {"instance_id": instance_id})
-        return row["output"] if row else {}

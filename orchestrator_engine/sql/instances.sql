@@ -19,12 +19,6 @@ WHERE namespace = %(namespace)s AND workflow_name = %(workflow_name)s AND run_id
 -- here instead of failing their sequence guard; writers of executions lock the instance before them.
 SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s FOR NO KEY UPDATE
 
--- name: workflow_lock_for_execution
-SELECT * FROM {schema}.workflow_instances
-WHERE instance_id = (SELECT e.workflow_instance_id FROM {schema}.task_executions e
-                     WHERE e.execution_id = %(execution_id)s)
-FOR NO KEY UPDATE
-
 -- name: workflow_update_if_sequence
 -- Append the unit of work's events and move the instance on, in one round trip.
 WITH appended AS (
@@ -39,7 +33,11 @@ WITH appended AS (
 )
 UPDATE {schema}.workflow_instances
 SET state = %(state)s,
-    output = COALESCE(%(output)s::jsonb, output),
+    output = CASE WHEN %(collect_output)s THEN
+        (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
+         FROM {schema}.task_executions d
+         WHERE d.workflow_instance_id = %(instance_id)s AND d.kind = 'FORWARD' AND d.state = 'COMPLETED')
+        ELSE output END,
     pending_tasks = %(pending_tasks)s,
     pending_compensations = %(pending_compensations)s,
     sequence_number = %(new_sequence)s,
@@ -47,11 +45,6 @@ SET state = %(state)s,
 WHERE instance_id = %(instance_id)s AND sequence_number = %(expected)s
   AND (SELECT count(*) FROM appended) = %(event_count)s
 RETURNING *
-
--- name: workflow_collect_output
-SELECT COALESCE(jsonb_object_agg(task_id, output), jsonb_build_object()) AS output
-FROM {schema}.task_executions
-WHERE workflow_instance_id = %(instance_id)s AND kind = 'FORWARD' AND state = 'COMPLETED'
 
 -- name: workflow_start_many
 -- Start a batch in one statement: instances (ON CONFLICT skips run_ids that exist), then the tasks
