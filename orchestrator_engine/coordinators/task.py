@@ -222,11 +222,16 @@ class TaskCoordinator:
         self, c: psycopg.Connection[Any], eid: UUID, wid: UUID, token: int, outcome: str, text: str
     ) -> TaskExecution:
         repos = self._engine.repos
-        params = {"execution_id": eid, "worker_id": wid, "fence_token": token}
-        if outcome == "COMPLETED":
-            row = repos.executions.task_complete_if_fenced(c, output=text, **params)
-        else:
-            row = repos.executions.task_fail_if_fenced(c, error=text, **params)
+        completed = outcome == "COMPLETED"
+        row = repos.executions.task_finish_if_fenced(
+            c,
+            execution_id=eid,
+            worker_id=wid,
+            fence_token=token,
+            state=outcome,
+            output=text if completed else None,
+            error=None if completed else text,
+        )
         if row is None:
             latest = repos.executions.task_get(c, eid)
             if latest is None:
@@ -245,7 +250,7 @@ class TaskCoordinator:
             )
         instance = {k[2:]: row.pop(k) for k in [k for k in row if k.startswith("w_")]}
         unit = self._engine.unit(c, instance)
-        if outcome == "COMPLETED":
+        if completed:
             unit.task_completed(row)
         else:
             unit.task_failed(row)

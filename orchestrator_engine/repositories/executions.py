@@ -58,11 +58,8 @@ class ExecutionRepository(Repository):
         params = {"execution_id": execution_id, "error": error, "lapse": lapse}
         return self._one(conn, "task_fail_if_lapsed", params)
 
-    def task_complete_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
-        return self._one(conn, "task_complete_if_fenced", params)
-
-    def task_fail_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
-        return self._one(conn, "task_fail_if_fenced", params)
+    def task_finish_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
+        return self._one(conn, "task_finish_if_fenced", params)
 
     def task_renew_many_if_held(
         self, conn: psycopg.Connection[Any], execution_ids: list[UUID], worker_id: UUID, lease: timedelta

@@ -166,7 +166,8 @@ WITH finished AS (
 )
 SELECT * FROM finished
 
--- name: task_complete_if_fenced
+-- name: task_finish_if_fenced
+-- state is COMPLETED (with output) or FAILED (with error).
 -- Lock the instance first (the lock order every writer keeps), then finish the execution under the
 -- fence guard; its lease row goes in the same statement. The instance row comes back as w_* columns.
 WITH locked AS (
@@ -176,32 +177,7 @@ WITH locked AS (
     FOR NO KEY UPDATE
 ), finished AS (
     UPDATE {schema}.task_executions
-    SET state = 'COMPLETED', output = %(output)s::jsonb, finished_at = now()
-    WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
-      AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
-      AND EXISTS (SELECT 1 FROM locked)
-    RETURNING *
-), released AS (
-    DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
-)
-SELECT f.*, l.instance_id AS w_instance_id, l.namespace AS w_namespace,
-       l.workflow_name AS w_workflow_name, l.workflow_version AS w_workflow_version, l.run_id AS w_run_id,
-       l.state AS w_state, l.input AS w_input, l.output AS w_output, l.sequence_number AS w_sequence_number,
-       l.pending_tasks AS w_pending_tasks, l.pending_compensations AS w_pending_compensations,
-       l.created_at AS w_created_at, l.updated_at AS w_updated_at
-FROM finished f CROSS JOIN locked l
-
--- name: task_fail_if_fenced
--- Lock the instance first (the lock order every writer keeps), then finish the execution under the
--- fence guard; its lease row goes in the same statement. The instance row comes back as w_* columns.
-WITH locked AS (
-    SELECT w.* FROM {schema}.workflow_instances w
-    WHERE w.instance_id = (SELECT x.workflow_instance_id FROM {schema}.task_executions x
-                           WHERE x.execution_id = %(execution_id)s)
-    FOR NO KEY UPDATE
-), finished AS (
-    UPDATE {schema}.task_executions
-    SET state = 'FAILED', error = %(error)s::jsonb, finished_at = now()
+    SET state = %(state)s, output = %(output)s::jsonb, error = %(error)s::jsonb, finished_at = now()
     WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
       AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
       AND EXISTS (SELECT 1 FROM locked)
