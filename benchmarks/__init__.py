@@ -1,0 +1,1 @@
+"""The benchmark suite: ``python benchmarks/run.py`` measures the engine; ``plans.py`` explains its SQL."""

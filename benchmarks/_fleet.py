@@ -1,0 +1,163 @@
+"""Run ``Worker`` processes against one schema: ready together, released together, stopped on demand."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from orchestrator_engine import EngineConfig, create_pool
+from orchestrator_engine.worker import TaskContext, Worker
+
+from ._shapes import TASK_TYPE
+
+#: how long worker processes may take to import, connect and open their pools
+STARTUP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What each worker process runs; plain data, so it crosses the process boundary."""
+
+    dsn: str
+    schema: str
+    concurrency: int = 16
+    notify: bool = True
+    poll_interval_s: float = 1.0
+    #: record each handler start (for the latency workload) instead of the bare ``lambda ctx: None``
+    record: bool = False
+
+
+@dataclass(frozen=True)
+class HandlerStart:
+    """One handler invocation seen from inside the handler (epoch seconds, both clocks on one machine)."""
+
+    index: int
+    wall: float
+    ready_at: float
+    started_at: float
+
+
+@dataclass
+class WorkerReport:
+    started: int = 0
+    completed: int = 0
+    failed: int = 0
+    dropped: int = 0
+    polls: int = 0
+    notifications: int = 0
+    handler_starts: list[HandlerStart] = field(default_factory=list)
+    #: exceptions that killed a worker thread (the worker was restarted each time)
+    crashes: list[str] = field(default_factory=list)
+    #: CPU seconds the worker process used (all threads) from release to stop
+    cpu_s: float = 0.0
+
+
+def run_workers(
+    spec: WorkerSpec,
+    processes: int,
+    drive: Callable[[], None],
+    on_release: Callable[[list[int]], None] | None = None,
+) -> list[WorkerReport]:
+    """Start ``processes`` workers, release them at once, call ``drive()``, then stop them and report.
+
+    ``on_release`` gets the worker processes' pids as they are released (a profiler can attach then).
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork: the parent holds pools with live threads
+    barrier = ctx.Barrier(processes + 1)
+    stop = ctx.Event()
+    reports: multiprocessing.Queue[WorkerReport] = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker_main, args=(spec, barrier, stop, reports), daemon=True)
+        for _ in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    out: list[WorkerReport] = []
+    try:
+        barrier.wait(STARTUP_TIMEOUT_S)
+        if on_release is not None:
+            on_release([p.pid for p in procs if p.pid is not None])
+        drive()
+    finally:
+        stop.set()
+        deadline = time.monotonic() + 60
+        while len(out) < processes and time.monotonic() < deadline:
+            try:
+                out.append(reports.get(timeout=1))
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+    if len(out) < processes:
+        raise RuntimeError(f"only {len(out)} of {processes} worker processes reported back")
+    return out
+
+
+def _worker_main(
+    spec: WorkerSpec,
+    barrier: Any,
+    stop: Any,
+    reports: multiprocessing.Queue[WorkerReport],
+) -> None:
+    config = EngineConfig(
+        dsn=spec.dsn,
+        schema=spec.schema,
+        notify=spec.notify,
+        poll_interval=timedelta(seconds=spec.poll_interval_s),
+    )
+    starts: list[HandlerStart] = []
+
+    def record(ctx: TaskContext) -> None:
+        wall = time.time()
+        e = ctx.execution
+        assert e.ready_at is not None
+        assert e.started_at is not None
+        index = ctx.input["workflow"]["i"]
+        starts.append(HandlerStart(index, wall, e.ready_at.timestamp(), e.started_at.timestamp()))
+
+    handler = record if spec.record else lambda ctx: None
+    crashes: list[str] = []
+    crashed = threading.Event()
+
+    def on_thread_crash(args: threading.ExceptHookArgs) -> None:
+        crashes.append(f"{args.exc_type.__name__}: {args.exc_value}")
+        crashed.set()
+
+    threading.excepthook = on_thread_crash
+    # every handler thread may hold a connection, plus the poll loop and the heartbeat
+    size = spec.concurrency + 2
+    with create_pool(config, min_size=size, max_size=size) as pool:
+
+        def new_worker() -> Worker:
+            return Worker(pool, {TASK_TYPE: handler}, config=config, concurrency=spec.concurrency)
+
+        workers = [new_worker()]
+        barrier.wait(STARTUP_TIMEOUT_S)
+        cpu0 = time.process_time()
+        workers[-1].start()
+        while not stop.wait(0.05):
+            if crashed.is_set():
+                # the worker's loop died (the exception is reported); restart it as a supervisor would
+                crashed.clear()
+                workers.append(new_worker())
+                workers[-1].start()
+        workers[-1].stop(timeout=30)
+        report = WorkerReport(handler_starts=starts, crashes=crashes, cpu_s=time.process_time() - cpu0)
+        for w in workers:
+            s = w.stats
+            report.started += s.started
+            report.completed += s.completed
+            report.failed += s.failed
+            report.dropped += s.dropped
+            report.polls += s.polls
+            report.notifications += s.notifications
+        reports.put(report)

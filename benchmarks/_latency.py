@@ -1,0 +1,86 @@
+"""Start latency: an idle worker, workflows started one at a time, ready -> handler start measured."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+from orchestrator_engine import EngineConfig, WorkflowCoordinator, create_pool
+
+from ._fleet import HandlerStart, WorkerSpec, run_workers
+from ._shapes import requests, single
+from ._throughput import wait_until_finished
+
+#: workflows run before measuring, so every pooled connection has prepared its statements
+WARMUP = 20
+#: the idle worker's threads; it never has more than one or two tasks at a time
+CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Percentiles:
+        ms = sorted(s * 1000 for s in seconds)
+        return cls(_quantile(ms, 0.50), _quantile(ms, 0.99), ms[-1])
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Three views of one start: ready_at (DB) -> handler, ready_at -> started_at (DB), commit -> handler."""
+
+    ready_to_handler: Percentiles
+    ready_to_lease: Percentiles
+    commit_to_handler: Percentiles
+    samples: int
+
+
+def measure(config: EngineConfig, count: int, gap_s: float = 0.02) -> Latency:
+    """Start ``count`` single-task workflows ``gap_s`` (jittered) apart with one idle worker running."""
+    spec = WorkerSpec(
+        dsn=config.dsn,
+        schema=config.schema,
+        concurrency=CONCURRENCY,
+        notify=config.notify,
+        poll_interval_s=config.poll_interval.total_seconds(),
+        record=True,
+    )
+    committed: dict[int, float] = {}
+    rng = random.Random(8)
+
+    def drive() -> None:
+        with create_pool(config, min_size=1, max_size=1) as pool:
+            workflows = WorkflowCoordinator(pool, config)
+            workflows.register_workflow(single())
+            todo = requests(single(), WARMUP + count)
+            time.sleep(0.5)  # let the worker's listener connect: the first NOTIFY must find it
+            for i, request in enumerate(todo):
+                workflows.start_workflow(request)
+                committed[i] = time.time()
+                time.sleep(gap_s * rng.uniform(0.5, 1.5))
+            wait_until_finished(config, timeout=60)
+
+    reports = run_workers(spec, 1, drive)
+    starts = [s for r in reports for s in r.handler_starts if s.index >= WARMUP]
+    return summarise(starts, committed)
+
+
+def summarise(starts: list[HandlerStart], committed: dict[int, float]) -> Latency:
+    return Latency(
+        ready_to_handler=Percentiles.of([s.wall - s.ready_at for s in starts]),
+        ready_to_lease=Percentiles.of([s.started_at - s.ready_at for s in starts]),
+        commit_to_handler=Percentiles.of([s.wall - committed[s.index] for s in starts]),
+        samples=len(starts),
+    )

@@ -1,0 +1,274 @@
+"""Explain the engine's hot statements on a populated schema and write one text file per statement."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from orchestrator_engine import EngineConfig, TaskCoordinator, create_pool
+from orchestrator_engine.sql import queries, raw_queries
+
+from . import _history, _shapes
+from ._env import describe_machine, drop_schema, fresh_schema, server, server_settings, vacuum_analyze
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "plans"
+SCHEMA = "bench_plans"
+LEASE = timedelta(seconds=30)
+#: executions leased (RUNNING) when the plans are taken, so lease scans have rows to find
+RUNNING = 50
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+@dataclass(frozen=True)
+class Population:
+    finished: int
+    ready: int
+
+
+def populate(config: EngineConfig, population: Population) -> TaskSample:
+    """Fill the schema: finished history, ready chains (1 READY + 2 PENDING each), some leased tasks."""
+    _history.populate(config, population.finished)
+    with create_pool(config, min_size=1, max_size=2) as pool:
+        _shapes.start_in_batches(pool, config, _shapes.chain(), population.ready)
+        worker_id = uuid.uuid4()
+        leased = TaskCoordinator(pool, config).poll_tasks(
+            worker_id, task_types=[_shapes.TASK_TYPE], limit=RUNNING
+        )
+    vacuum_analyze(config.dsn, config.schema)
+    first = leased[0]
+    return TaskSample(
+        worker_id=worker_id,
+        execution_id=first.execution_id,
+        instance_id=first.workflow_instance_id,
+        fence_token=first.fence_token,
+        leased=[e.execution_id for e in leased],
+    )
+
+
+@dataclass(frozen=True)
+class TaskSample:
+    """Real ids from the populated schema, so the plans are those of rows that exist."""
+
+    worker_id: uuid.UUID
+    execution_id: uuid.UUID
+    instance_id: uuid.UUID
+    fence_token: int
+    leased: list[uuid.UUID]
+
+
+def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
+    """Return the statements to explain and their parameters: what a worker or a starter would send.
+
+    The first six are the ones issue 8 names; the rest are what a start, a poll and a completion run
+    today (see the coordinators). Names the engine no longer has are skipped.
+    """
+    event = {
+        "workflow_instance_id": str(sample.instance_id),
+        "sequence_number": 1_000,
+        "event_type": "TASK_COMPLETED",
+        "payload": {"execution_id": str(sample.execution_id), "task_id": "a"},
+        "idempotency_key": f"{sample.instance_id}:completed:{sample.execution_id}:",
+    }
+    new_instance = uuid.uuid4()
+    held = {"execution_id": sample.execution_id, "worker_id": sample.worker_id}
+    return {
+        "task_poll_and_lease": {
+            "worker_id": uuid.uuid4(),
+            "namespace": None,
+            "task_types": [_shapes.TASK_TYPE],
+            "limit": 16,
+            "lease": LEASE,
+        },
+        # task_complete_if_fenced and task_fail_if_fenced, merged into one statement
+        "task_finish_if_fenced": {
+            **held,
+            "fence_token": sample.fence_token,
+            "state": "COMPLETED",
+            "output": "null",
+            "error": None,
+        },
+        "task_release_dependents": {"instance_id": sample.instance_id, "task_id": "a", "kind": "FORWARD"},
+        "workflow_lock": {"instance_id": sample.instance_id},
+        "task_renew_many_if_held": {
+            "execution_ids": sample.leased,
+            "worker_id": sample.worker_id,
+            "lease": LEASE,
+        },
+        "workflow_insert_if_absent": {
+            "instance_id": new_instance,
+            "namespace": _shapes.NAMESPACE,
+            "workflow_name": "chain",
+            "workflow_version": 1,
+            "run_id": "plan-new",
+            "input": '{"i": 0}',
+            "pending_tasks": 3,
+        },
+        "task_select_lapsed": {"limit": 8},
+        "task_instances_of": {"execution_ids": sample.leased},
+        "workflow_update_if_sequence": {
+            "instance_id": sample.instance_id,
+            "expected": 2,
+            "new_sequence": 3,
+            "state": "RUNNING",
+            "output": None,
+            "pending_tasks": 2,
+            "pending_compensations": 0,
+            "events": json.dumps([event]),
+            "event_count": 1,
+            "collect_output": False,
+        },
+        "definition_get_latest": {"namespace": _shapes.NAMESPACE, "name": "chain"},
+        "workflow_start_many": _start_many_parameters(),
+    }
+
+
+def _start_many_parameters() -> dict[str, Any]:
+    """Return one new single-task workflow in the shape WorkflowCoordinator.start_workflows sends."""
+    instance_id, execution_id = uuid.uuid4(), uuid.uuid4()
+    instance = {
+        "instance_id": str(instance_id),
+        "namespace": _shapes.NAMESPACE,
+        "workflow_name": "single",
+        "workflow_version": 1,
+        "run_id": "plan-start",
+        "input": {"i": 0},
+        "pending_tasks": 1,
+        "sequence_number": 2,
+        "ord": 0,
+    }
+    task = {
+        "execution_id": str(execution_id),
+        "workflow_instance_id": str(instance_id),
+        "namespace": _shapes.NAMESPACE,
+        "task_id": "t",
+        "task_type": _shapes.TASK_TYPE,
+        "idempotency_key": f"{instance_id}:t:1",
+        "max_attempts": 3,
+        "state": "READY",
+        "depends_on": [],
+        "deps_remaining": 0,
+        "input": {"workflow": {"i": 0}, "dependencies": {}},
+        "timeout_ms": None,
+    }
+    events = [
+        {
+            "workflow_instance_id": str(instance_id),
+            "sequence_number": seq,
+            "event_type": kind,
+            "payload": {},
+            "idempotency_key": f"{instance_id}:{kind.lower()}:",
+        }
+        for seq, kind in ((1, "WORKFLOW_STARTED"), (2, "TASK_SCHEDULED"))
+    ]
+    return {"instances": json.dumps([instance]), "tasks": json.dumps([task]), "events": json.dumps(events)}
+
+
+def missing_parameters(name: str, params: dict[str, Any]) -> list[str]:
+    """Return the placeholders of the engine's statement ``name`` that ``params`` does not supply."""
+    return sorted(set(_PLACEHOLDER.findall(raw_queries()[name])) - set(params))
+
+
+def explain(conn: psycopg.Connection[Any], name: str, schema: str, params: dict[str, Any]) -> str:
+    """Return the statement, its executed plan (rolled back) and its generic plan, as text."""
+    query = queries(schema)[name]
+    text = query.as_string(conn)
+    with conn.transaction(force_rollback=True):
+        rows = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params).fetchall()
+    executed = "\n".join(str(r[0]) for r in rows)
+    generic = generic_plan(conn, text)
+    shown = {k: _short(v) for k, v in params.items()}
+    return "\n".join(
+        [
+            f"-- {name}",
+            f"-- parameters: {shown}",
+            "",
+            text,
+            "",
+            "-- EXPLAIN (ANALYZE, BUFFERS), executed in a transaction that was rolled back:",
+            executed,
+            "",
+            "-- EXPLAIN (GENERIC_PLAN): the plan a prepared statement may switch to after five executions",
+            "-- (psycopg prepares a statement on its fifth run on a connection):",
+            generic,
+            "",
+        ]
+    )
+
+
+def generic_plan(conn: psycopg.Connection[Any], text: str) -> str:
+    if conn.info.server_version < 160000:
+        return "(needs PostgreSQL 16 or later)"
+    names: dict[str, int] = {}
+
+    def number(match: re.Match[str]) -> str:
+        return f"${names.setdefault(match.group(1), len(names) + 1)}"
+
+    numbered = _PLACEHOLDER.sub(number, text).replace("%%", "%")
+    rows = conn.execute(sql.SQL("EXPLAIN (GENERIC_PLAN) ") + sql.SQL(numbered)).fetchall()
+    return "\n".join(str(r[0]) for r in rows)
+
+
+def _short(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > 3:
+        return f"[{len(value)} ids]"
+    if isinstance(value, str) and len(value) > 80:
+        return value[:77] + "..."
+    return value if isinstance(value, (int, str, type(None), list)) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/plans.py",
+        description="Write EXPLAIN output of the engine's hot statements to benchmarks/plans/.",
+    )
+    parser.add_argument(
+        "--dsn", help="database to work in (schema bench_plans, dropped after); default: embedded"
+    )
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--finished", type=int, default=100_000, help="finished workflows to generate")
+    parser.add_argument("--ready", type=int, default=2_000, help="ready 3-task chains to start")
+    args = parser.parse_args(argv)
+    population = Population(finished=args.finished, ready=args.ready)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stale: list[str] = []
+    with server(args.dsn, {}) as (dsn, description):
+        config = fresh_schema(dsn, SCHEMA)
+        try:
+            sample = populate(config, population)
+            version = server_settings(dsn)["server_version"]
+            header = (
+                f"-- orchestrator-engine {describe_machine().engine_commit}; "
+                f"{description}, PostgreSQL {version}; schema populated with {population.finished:,} "
+                f"finished single-task workflows, {population.ready:,} started 3-task chains "
+                f"({population.ready:,} READY + {2 * population.ready:,} PENDING executions) and {RUNNING} "
+                "leased (RUNNING) executions, then VACUUM ANALYZE. Regenerate: python benchmarks/plans.py\n"
+            )
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for name, params in parameters(sample).items():
+                    if name not in raw_queries():
+                        print(f"{name}: not a statement of this engine version, skipped")
+                        continue
+                    missing = missing_parameters(name, params)
+                    if missing:
+                        # the engine changed the statement: say so instead of explaining a guess
+                        stale.append(f"{name}: no sample value for {', '.join(missing)}")
+                        continue
+                    path = args.out_dir / f"{name}.txt"
+                    path.write_text(header + explain(conn, name, SCHEMA, params), encoding="utf-8")
+                    print(f"wrote {path}")
+        finally:
+            drop_schema(dsn, SCHEMA)
+    for line in stale:
+        print(f"skipped {line}; update parameters() in benchmarks/_plans.py", file=sys.stderr)
+    return 1 if stale else 0

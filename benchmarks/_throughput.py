@@ -1,0 +1,139 @@
+"""Throughput workloads: the raw commit ceiling, starting workflows, and draining them with workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from orchestrator_engine import EngineConfig, WorkflowCoordinator, WorkflowDefinition
+
+from ._env import drop_schema
+from ._fleet import WorkerSpec, run_workers
+from ._shapes import requests
+from ._sql import bench_queries
+
+#: a drain that has not finished by then is reported as broken, not as slow
+DRAIN_TIMEOUT_S = 900.0
+
+
+def commit_ceiling(dsn: str, schema: str, connections: int, seconds: float) -> float:
+    """Return single-row autocommit UPDATEs per second over ``connections`` threads, each on its own row."""
+    drop_schema(dsn, schema)
+    q = bench_queries(schema)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(q["baseline_create"])
+        conn.execute(q["baseline_fill"], {"rows": connections})
+    ready = threading.Barrier(connections + 1)
+    stop = threading.Event()
+    counts = [0] * connections
+
+    def bump(i: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ready.wait()
+            n = 0
+            while not stop.is_set():
+                conn.execute(q["baseline_bump"], {"id": i}).fetchone()
+                n += 1
+            counts[i] = n
+
+    threads = [threading.Thread(target=bump, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    drop_schema(dsn, schema)
+    return sum(counts) / elapsed
+
+
+def start_one_at_a_time(
+    pool: ConnectionPool[Any], config: EngineConfig, definition: WorkflowDefinition, count: int
+) -> float:
+    """Start ``count`` runs with one ``start_workflow`` call (one transaction) each; return runs/s."""
+    workflows = WorkflowCoordinator(pool, config)
+    workflows.register_workflow(definition)
+    todo = requests(definition, count)
+    t0 = time.perf_counter()
+    for request in todo:
+        workflows.start_workflow(request)
+    return count / (time.perf_counter() - t0)
+
+
+def start_batched(
+    pool: ConnectionPool[Any], config: EngineConfig, definition: WorkflowDefinition, count: int, batch: int
+) -> float:
+    """Start ``count`` runs through ``start_workflows`` in calls of ``batch``; return runs/s."""
+    workflows = WorkflowCoordinator(pool, config)
+    workflows.register_workflow(definition)
+    todo = requests(definition, count)
+    t0 = time.perf_counter()
+    for i in range(0, count, batch):
+        workflows.start_workflows(todo[i : i + batch])
+    return count / (time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """What a drain did, timed by the database: first lease granted to last workflow completed."""
+
+    tasks: int
+    workflows: int
+    seconds: float
+    #: exceptions that killed a worker's loop during the drain (each time the worker was restarted)
+    crashes: tuple[str, ...] = ()
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / self.seconds
+
+    @property
+    def workflows_per_s(self) -> float:
+        return self.workflows / self.seconds
+
+
+def drain(config: EngineConfig, processes: int, concurrency: int) -> Drain:
+    """Run ``processes`` workers until every workflow in ``config.schema`` has finished."""
+    spec = WorkerSpec(dsn=config.dsn, schema=config.schema, concurrency=concurrency)
+    reports = run_workers(spec, processes, lambda: wait_until_finished(config))
+    window = read_window(config)
+    return replace(window, crashes=tuple(c for r in reports for c in r.crashes))
+
+
+def wait_until_finished(config: EngineConfig, timeout: float = DRAIN_TIMEOUT_S) -> None:
+    """Return once no workflow in the schema is open; raise after ``timeout`` seconds."""
+    q = bench_queries(config.schema)
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(config.dsn, autocommit=True) as conn:
+        while True:
+            busy = conn.execute(q["bench_busy"]).fetchone()
+            if busy is not None and not busy[0]:
+                # nothing queued or leased: confirm with the exact (and dearer) count of open workflows
+                row = conn.execute(q["bench_progress"]).fetchone()
+                assert row is not None
+                if row[0] == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workflows in {config.schema} still open after {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+def read_window(config: EngineConfig) -> Drain:
+    with psycopg.connect(config.dsn, autocommit=True, row_factory=dict_row) as conn:
+        row = conn.execute(bench_queries(config.schema)["bench_window"]).fetchone()
+    assert row is not None
+    if row["first_started"] is None or row["last_completed"] is None:
+        raise RuntimeError(f"nothing was drained in schema {config.schema}")
+    seconds = (row["last_completed"] - row["first_started"]).total_seconds()
+    return Drain(tasks=row["tasks"], workflows=row["workflows"], seconds=seconds)

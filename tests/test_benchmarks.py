@@ -1,0 +1,107 @@
+"""Specification of the benchmark suite: the queue scans stay on their partial indexes, and a smoke run works.
+
+No timing is asserted anywhere: numbers belong in benchmarks/RESULTS.md, not in a test's verdict.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+# benchmarks/ is a directory of the checkout, not part of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._env import engine_config
+from benchmarks._plans import SCHEMA, Population, parameters, populate
+from orchestrator_engine import migrate
+from orchestrator_engine.sql import queries
+
+ROOT = Path(__file__).resolve().parent.parent
+#: a few thousand finished workflows and a few hundred queued: enough that a sequential scan would
+#: be priced above the index scans the queue is designed around
+POPULATION = Population(finished=3_000, ready=300)
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Yield every node of an EXPLAIN (FORMAT JSON) plan tree, CTEs and sub-plans included."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+def _plan(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    query = queries(SCHEMA)[name]
+    row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()
+    assert row is not None
+    return list(_nodes(row[0][0]["Plan"]))
+
+
+@pytest.fixture
+def explained(dsn: str) -> Iterator[dict[str, list[dict[str, Any]]]]:
+    """Populate a schema like a busy engine's, ANALYZE it, and return the plans of the two queue scans."""
+    config = engine_config(dsn, SCHEMA)
+    migrate(config)
+    sample = populate(config, POPULATION)  # ends with VACUUM ANALYZE
+    params = parameters(sample)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield {
+            name: _plan(conn, name, params[name]) for name in ("task_poll_and_lease", "task_select_lapsed")
+        }
+
+
+def _index_names(nodes: list[dict[str, Any]]) -> set[str]:
+    return {n["Index Name"] for n in nodes if "Index Name" in n}
+
+
+def _seq_scanned(nodes: list[dict[str, Any]]) -> set[str]:
+    return {n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"}
+
+
+def test_poll_finds_ready_tasks_through_the_ready_partial_index(
+    explained: dict[str, list[dict[str, Any]]],
+) -> None:
+    nodes = explained["task_poll_and_lease"]
+    assert "ix_task_executions_ready" in _index_names(nodes)
+    assert "task_executions" not in _seq_scanned(nodes)
+
+
+def test_lapsed_lease_scan_reads_the_lease_partial_index(explained: dict[str, list[dict[str, Any]]]) -> None:
+    nodes = explained["task_select_lapsed"]
+    assert "ix_task_executions_lease" in _index_names(nodes)
+    assert "task_executions" not in _seq_scanned(nodes)
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--size",
+            "smoke",
+            "--dsn",
+            dsn,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| workload" in result.stdout
+    for workload in ("baseline", "start", "drain", "chain", "fan", "latency", "history"):
+        assert f"| {workload}" in result.stdout, workload
+    text = out.read_text(encoding="utf-8")
+    assert "## Results" in text
+    assert "synchronous_commit" in text
