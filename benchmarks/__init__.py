@@ -1,1 +1,1 @@
-"""The benchmark suite: ``python benchmarks/run.py`` measures the engine; ``plans.py`` explains its SQL."""
+"""The benchmark suite: ``run.py`` measures, ``plans.py`` explains the SQL, ``profile_drain.py`` profiles."""

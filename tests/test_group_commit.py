@@ -106,3 +106,37 @@ def test_concurrent_batches_over_shared_instances_complete_everything(
     with psycopg.connect(dsn) as conn:
         report = check_invariants(conn, require_finished=True)
     assert report.ok, report.violations
+
+
+def test_renewing_leases_while_their_batch_completes_never_deadlocks(
+    pool: Any, engine_config: EngineConfig
+) -> None:
+    # The Worker's heartbeat renews every lease it holds while its group completer finishes some of
+    # them; both lock the same executions, and must do so in the same (instance, execution) order.
+    _, tc = _start(pool, engine_config, 30)
+    worker = uuid.uuid4()
+    errors: list[BaseException] = []
+    for _ in range(8):
+        leased = tc.poll_tasks(worker, limit=30)
+        if not leased:
+            break
+        ids = [e.execution_id for e in leased]
+        stop = threading.Event()
+
+        def renew(ids: list[uuid.UUID] = ids, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                try:
+                    tc.renew_leases(ids[::-1], worker)
+                except BaseException as exc:  # a deadlock surfaces here as ConcurrencyConflictError
+                    errors.append(exc)
+                    return
+
+        thread = threading.Thread(target=renew)
+        thread.start()
+        try:
+            out = tc.complete_tasks(worker, [(e.execution_id, e.fence_token, None) for e in leased])
+        finally:
+            stop.set()
+            thread.join(30)
+        assert all(isinstance(v, TaskExecution) for v in out.values())
+    assert not errors, errors

@@ -195,13 +195,22 @@ FROM finished f CROSS JOIN locked l
 -- name: task_renew_many_if_held
 -- A lapsed lease is not renewable (the worker must drop its result), nor is one past its task's
 -- timeout: the attempt is then treated as failed.
-WITH renewed AS (
-    UPDATE {schema}.task_executions
-    SET lease_expires_at = LEAST(now() + %(lease)s::interval, COALESCE(deadline_at, 'infinity'))
-    WHERE execution_id = ANY(%(execution_ids)s::uuid[]) AND state = 'RUNNING'
-      AND lease_holder = %(worker_id)s AND lease_expires_at > now()
-      AND (deadline_at IS NULL OR deadline_at > now())
-    RETURNING execution_id, lease_expires_at
+-- Rows are locked in (instance, execution) order, the order in which a batch completion reaches them,
+-- so a renewal and a group completion of the same worker's executions cannot deadlock.
+WITH held AS (
+    SELECT e.execution_id
+    FROM {schema}.task_executions e
+    WHERE e.execution_id = ANY(%(execution_ids)s::uuid[]) AND e.state = 'RUNNING'
+      AND e.lease_holder = %(worker_id)s
+    ORDER BY e.workflow_instance_id, e.execution_id
+    FOR NO KEY UPDATE
+), renewed AS (
+    UPDATE {schema}.task_executions e
+    SET lease_expires_at = LEAST(now() + %(lease)s::interval, COALESCE(e.deadline_at, 'infinity'))
+    FROM held h
+    WHERE e.execution_id = h.execution_id AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s
+      AND e.lease_expires_at > now() AND (e.deadline_at IS NULL OR e.deadline_at > now())
+    RETURNING e.execution_id, e.lease_expires_at
 ), leases AS (
     UPDATE {schema}.execution_leases l SET expires_at = r.lease_expires_at
     FROM renewed r WHERE l.lease_key = r.execution_id
