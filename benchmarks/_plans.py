@@ -80,7 +80,6 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
         "payload": {"execution_id": str(sample.execution_id), "task_id": "a"},
         "idempotency_key": f"{sample.instance_id}:completed:{sample.execution_id}:",
     }
-    new_instance = uuid.uuid4()
     held = {"execution_id": sample.execution_id, "worker_id": sample.worker_id}
     return {
         "task_poll_and_lease": {
@@ -104,15 +103,6 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
             "execution_ids": sample.leased,
             "worker_id": sample.worker_id,
             "lease": LEASE,
-        },
-        "workflow_insert_if_absent": {
-            "instance_id": new_instance,
-            "namespace": _shapes.NAMESPACE,
-            "workflow_name": "chain",
-            "workflow_version": 1,
-            "run_id": "plan-new",
-            "input": '{"i": 0}',
-            "pending_tasks": 3,
         },
         "task_select_lapsed": {"limit": 8},
         "task_instances_of": {"execution_ids": sample.leased},

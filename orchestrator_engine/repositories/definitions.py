@@ -20,6 +20,3 @@ class DefinitionRepository(Repository):
 
     def definition_get_latest(self, conn: psycopg.Connection[Any], namespace: str, name: str) -> Row | None:
         return self._one(conn, "definition_get_latest", {"namespace": namespace, "name": name})
-
-    def definition_list(self, conn: psycopg.Connection[Any]) -> list[Row]:
-        return self._all(conn, "definition_list", {})

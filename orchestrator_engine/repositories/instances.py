@@ -12,9 +12,6 @@ from .base import Repository, Row
 
 
 class InstanceRepository(Repository):
-    def workflow_insert_if_absent(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
-        return self._one(conn, "workflow_insert_if_absent", params)
-
     def workflow_start_many(
         self,
         conn: psycopg.Connection[Any],

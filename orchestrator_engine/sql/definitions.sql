@@ -15,8 +15,3 @@ FROM {schema}.workflow_definitions
 WHERE namespace = %(namespace)s AND name = %(name)s
 ORDER BY version DESC
 LIMIT 1
-
--- name: definition_list
-SELECT namespace, name, version, definition, content_hash, created_at
-FROM {schema}.workflow_definitions
-ORDER BY namespace, name, version

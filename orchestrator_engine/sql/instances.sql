@@ -1,12 +1,3 @@
--- name: workflow_insert_if_absent
-INSERT INTO {schema}.workflow_instances
-    (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
-     pending_tasks)
-VALUES (%(instance_id)s, %(namespace)s, %(workflow_name)s, %(workflow_version)s, %(run_id)s, 'RUNNING',
-        %(input)s::jsonb, 0, %(pending_tasks)s)
-ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
-RETURNING *
-
 -- name: workflow_get
 SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s
 
