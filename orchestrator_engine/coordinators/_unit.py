@@ -253,6 +253,13 @@ class InstanceUnit:
 
     # -- workflow-wide changes -------------------------------------------------------------------
 
+    def compensation_began(self) -> bool:
+        """Tell whether compensation ever started for this instance (compensation executions exist)."""
+        if self.pending_compensations or self.state is W.COMPENSATING:
+            return True
+        rows = self.repos.executions.task_list_for_instance(self.conn, self.instance_id)
+        return any(r["kind"] == COMPENSATION for r in rows)
+
     def stop_open_work(self, kind: str | None) -> int:
         """Cancel pending/ready executions and revoke running leases (their completions are then fenced)."""
         cancelled = self.repos.executions.task_cancel_open(self.conn, self.instance_id, kind)

@@ -303,10 +303,7 @@ class TaskCoordinator:
                 raise InvalidStateError(
                     f"cannot retry a task of a {unit.state.value} workflow", state=unit.state.value
                 )
-            if latest["kind"] == FORWARD and (
-                unit.state is W.COMPENSATING
-                or any(r["kind"] == COMPENSATION for r in repos.executions.task_list_for_instance(c, iid))
-            ):
+            if latest["kind"] == FORWARD and unit.compensation_began():
                 # once undo steps have run, redoing forward work would report success for undone tasks
                 raise InvalidStateError(
                     "forward work stopped when compensation started", state=unit.state.value

@@ -34,7 +34,7 @@ from ..models import (
 from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_name, as_run_id, as_uuid, as_version
-from ._unit import COMPENSATION, FORWARD, execution_key
+from ._unit import FORWARD, execution_key
 
 W = WorkflowState
 PURGEABLE = (W.COMPLETED, W.CANCELLED, W.COMPENSATED)
@@ -350,14 +350,7 @@ class WorkflowCoordinator:
             unit = self._engine.lock(c, iid)
             if not isinstance(from_task_id, str) or from_task_id not in unit.definition.by_id:
                 raise TaskNotFoundError(f"workflow {iid} has no task {from_task_id!r}")
-            if (
-                unit.state not in (W.RUNNING, W.PAUSED, W.FAILED)
-                or unit.pending_compensations
-                or any(
-                    r["kind"] == COMPENSATION
-                    for r in self._engine.repos.executions.task_list_for_instance(c, iid)
-                )
-            ):
+            if unit.state not in (W.RUNNING, W.PAUSED, W.FAILED) or unit.compensation_began():
                 raise InvalidStateError(
                     f"cannot compensate a {unit.state.value} workflow "
                     "(use retry_task to resume a failed compensation)",
