@@ -17,10 +17,12 @@ from typing import Any, Protocol
 
 import psycopg
 import pytest
+from helpers import assert_every_history_valid
 from psycopg import conninfo, sql
 from psycopg_pool import ConnectionPool
 
 from orchestrator_engine.config import EngineConfig, create_pool
+from orchestrator_engine.coordinators import TaskCoordinator, WorkflowCoordinator
 from orchestrator_engine.migrator import migrate
 
 DOCKER_IMAGE = "postgres:16-alpine"
@@ -223,3 +225,22 @@ def rollback_conn(_shared_clone: str) -> Iterator[psycopg.Connection[Any]]:
     finally:
         conn.rollback()
         conn.close()
+
+
+@pytest.fixture
+def wc(pool: ConnectionPool[psycopg.Connection[Any]], engine_config: EngineConfig) -> WorkflowCoordinator:
+    return WorkflowCoordinator(pool, engine_config)
+
+
+@pytest.fixture
+def tc(pool: ConnectionPool[psycopg.Connection[Any]], engine_config: EngineConfig) -> TaskCoordinator:
+    return TaskCoordinator(pool, engine_config)
+
+
+@pytest.fixture
+def every_history_follows_legal_edges(
+    pool: ConnectionPool[psycopg.Connection[Any]], engine_config: EngineConfig
+) -> Iterator[None]:
+    """After the test, replay every instance's history through the transition table."""
+    yield
+    assert_every_history_valid(pool, engine_config)

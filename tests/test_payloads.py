@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import decimal
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 from helpers import (
     NAMESPACE,
     Pool,
-    assert_every_history_valid,
     complete,
     fail,
     new_worker,
@@ -34,21 +32,8 @@ from orchestrator_engine import (
     WorkflowState,
 )
 
-
-@pytest.fixture
-def wc(pool: Pool, engine_config: EngineConfig) -> WorkflowCoordinator:
-    return WorkflowCoordinator(pool, engine_config)
-
-
-@pytest.fixture
-def tc(pool: Pool, engine_config: EngineConfig) -> TaskCoordinator:
-    return TaskCoordinator(pool, engine_config)
-
-
-@pytest.fixture(autouse=True)
-def _every_history_follows_legal_edges(pool: Pool, engine_config: EngineConfig) -> Iterator[None]:
-    yield
-    assert_every_history_valid(pool, engine_config)
+#: after every test, each instance's history is replayed through the transition table
+pytestmark = pytest.mark.usefixtures("every_history_follows_legal_edges")
 
 
 def nested(depth: int) -> Any:

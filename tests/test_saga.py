@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from uuid import UUID
 
 import pytest
 from helpers import (
     Pool,
-    assert_every_history_valid,
     assert_history_valid,
     complete,
     drive,
@@ -55,20 +54,8 @@ T = TaskState
 UNDO = TaskKind.COMPENSATION
 
 
-@pytest.fixture
-def wc(pool: Pool, engine_config: EngineConfig) -> WorkflowCoordinator:
-    return WorkflowCoordinator(pool, engine_config)
-
-
-@pytest.fixture
-def tc(pool: Pool, engine_config: EngineConfig) -> TaskCoordinator:
-    return TaskCoordinator(pool, engine_config)
-
-
-@pytest.fixture(autouse=True)
-def _every_history_follows_legal_edges(pool: Pool, engine_config: EngineConfig) -> Iterator[None]:
-    yield
-    assert_every_history_valid(pool, engine_config)
+#: after every test, each instance's history is replayed through the transition table
+pytestmark = pytest.mark.usefixtures("every_history_follows_legal_edges")
 
 
 def step(task_id: str, *deps: str, undo: bool = True, retry: RetryPolicy | None = None) -> TaskDefinition:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +14,6 @@ from helpers import (
     NAMESPACE,
     Pool,
     acquire_when_ready,
-    assert_every_history_valid,
     assert_history_valid,
     chain,
     complete,
@@ -65,25 +63,13 @@ T = TaskState
 
 
 @pytest.fixture
-def wc(pool: Pool, engine_config: EngineConfig) -> WorkflowCoordinator:
-    return WorkflowCoordinator(pool, engine_config)
-
-
-@pytest.fixture
-def tc(pool: Pool, engine_config: EngineConfig) -> TaskCoordinator:
-    return TaskCoordinator(pool, engine_config)
-
-
-@pytest.fixture
 def stc(pool: Pool, engine_config: EngineConfig) -> TaskCoordinator:
     """Return a TaskCoordinator whose leases are short enough to outwait."""
     return TaskCoordinator(pool, short_lease(engine_config))
 
 
-@pytest.fixture(autouse=True)
-def _every_history_follows_legal_edges(pool: Pool, engine_config: EngineConfig) -> Iterator[None]:
-    yield
-    assert_every_history_valid(pool, engine_config)
+#: after every test, each instance's history is replayed through the transition table
+pytestmark = pytest.mark.usefixtures("every_history_follows_legal_edges")
 
 
 def started_tokens(wc: WorkflowCoordinator, execution: TaskExecution) -> list[int]:

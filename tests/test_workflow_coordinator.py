@@ -13,7 +13,6 @@ import pytest
 from helpers import (
     NAMESPACE,
     Pool,
-    assert_every_history_valid,
     assert_history_valid,
     chain,
     complete,
@@ -58,20 +57,8 @@ from orchestrator_engine.models import (
 W = WorkflowState
 
 
-@pytest.fixture
-def wc(pool: Pool, engine_config: EngineConfig) -> WorkflowCoordinator:
-    return WorkflowCoordinator(pool, engine_config)
-
-
-@pytest.fixture
-def tc(pool: Pool, engine_config: EngineConfig) -> TaskCoordinator:
-    return TaskCoordinator(pool, engine_config)
-
-
-@pytest.fixture(autouse=True)
-def _every_history_follows_legal_edges(pool: Pool, engine_config: EngineConfig) -> Iterator[None]:
-    yield
-    assert_every_history_valid(pool, engine_config)
+#: after every test, each instance's history is replayed through the transition table
+pytestmark = pytest.mark.usefixtures("every_history_follows_legal_edges")
 
 
 def diamond(**options: Any) -> list[TaskDefinition]:
