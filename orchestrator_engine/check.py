@@ -111,6 +111,13 @@ def check_invariants(
             r["workflow_instance_id"],
             f"execution {r['execution_id']} is {r['state']} in a {r['workflow_state']} workflow",
         )
+    for r in rows("check_ready_parking"):
+        flag(
+            "ready-parked-unless-runnable",
+            r["workflow_instance_id"],
+            f"READY execution {r['execution_id']} is {'parked' if r['parked'] else 'leasable'} "
+            f"in a {r['workflow_state']} workflow",
+        )
     if require_finished:
         for r in rows("check_unfinished_workflows"):
             flag("every-workflow-finishes", r["instance_id"], f"still {r['state']}")

@@ -85,6 +85,9 @@ class EngineConfig:
     lease_duration: timedelta = timedelta(seconds=30)
     renewal_interval: timedelta = timedelta(seconds=10)
     poll_interval: timedelta = timedelta(seconds=1)
+    #: how often a polling coordinator looks for lapsed leases (capped at a tenth of lease_duration);
+    #: zero looks on every poll
+    reclaim_interval: timedelta = timedelta(seconds=1)
     max_payload_bytes: int = 1_048_576
     notify: bool = True
     application_name: str = "orchestrator-engine"
@@ -103,6 +106,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, timedelta) or value <= timedelta(0):
                 raise ValueError(f"{name} must be a positive timedelta, got {value!r}")
+        if not isinstance(self.reclaim_interval, timedelta) or self.reclaim_interval < timedelta(0):
+            raise ValueError(f"reclaim_interval must be a timedelta >= 0, got {self.reclaim_interval!r}")
         if self.renewal_interval >= self.lease_duration:
             # a lease renewed no sooner than it lapses is lost on every tick
             raise ValueError(
@@ -116,7 +121,8 @@ class EngineConfig:
         return (
             f"EngineConfig(dsn={self.redacted_dsn!r}, schema={self.schema!r}, "
             f"lease_duration={self.lease_duration!r}, renewal_interval={self.renewal_interval!r}, "
-            f"poll_interval={self.poll_interval!r}, max_payload_bytes={self.max_payload_bytes!r}, "
+            f"poll_interval={self.poll_interval!r}, reclaim_interval={self.reclaim_interval!r}, "
+            f"max_payload_bytes={self.max_payload_bytes!r}, "
             f"notify={self.notify!r}, application_name={self.application_name!r})"
         )
 
@@ -142,6 +148,7 @@ class EngineConfig:
         durations = {
             "lease_duration": lease.get("default-duration"),
             "renewal_interval": lease.get("renewal-interval"),
+            "reclaim_interval": lease.get("reclaim-interval"),
             "poll_interval": root.get("poll-interval"),
         }
         kwargs.update({k: _as_duration(v) for k, v in durations.items() if v is not None})
@@ -167,6 +174,7 @@ class EngineConfig:
         lease = {
             "default-duration": environ.get("ORCHESTRATOR_LEASE_DEFAULT_DURATION"),
             "renewal-interval": environ.get("ORCHESTRATOR_LEASE_RENEWAL_INTERVAL"),
+            "reclaim-interval": environ.get("ORCHESTRATOR_LEASE_RECLAIM_INTERVAL"),
         }
         root: dict[str, Any] = {
             "datasource": datasource,

@@ -88,13 +88,15 @@ def explain(engine: Engine, instance_id: UUID) -> list[str]:
             waiting = [d for d in deps if d not in completed] if kind == "FORWARD" else list(deps)
             reasons.append(f"{label} waits on {', '.join(waiting)}")
         elif e["state"] == "READY":
-            if e["ready_at"] > now:
+            if e["ready_at"] is not None and e["ready_at"] > now:
                 reasons.append(f"{label} is in backoff until {e['ready_at'].isoformat()}")
             elif e["task_type"] not in polled:
                 reasons.append(
                     f"{label} is ready, but no worker has leased task type {e['task_type']!r} "
                     f"in the last {int(POLLER_WINDOW.total_seconds() // 60)} minutes"
                 )
+            elif e["ready_at"] is None:  # parked while the workflow is paused or failed
+                reasons.append(f"{label} is ready once the workflow runs again")
             else:
                 reasons.append(f"{label} is ready since {e['ready_at'].isoformat()}")
         elif e["state"] == "RUNNING":

@@ -461,7 +461,7 @@ class _Pending:
         self.execution = execution
         self.value = value
         self.done = threading.Event()
-        self.outcome: TaskExecution | BaseException | None = None
+        self.outcome: object = None
 
 
 class _GroupCompleter:
@@ -481,7 +481,8 @@ class _GroupCompleter:
         self._pending: list[_Pending] = []
         self._flushing = False
 
-    def complete(self, execution: TaskExecution, value: Any) -> TaskExecution | BaseException | None:
+    def complete(self, execution: TaskExecution, value: Any) -> object:
+        """Record one result with whatever else is pending; answer the error that refused it, if any."""
         item = _Pending(execution, value)
         with self._lock:
             self._pending.append(item)
@@ -499,7 +500,7 @@ class _GroupCompleter:
 
     def _flush(self, batch: list[_Pending]) -> None:
         try:
-            results = self._tasks.complete_tasks(
+            results = self._tasks._complete_batch(
                 self._worker_id, [(i.execution.execution_id, i.execution.fence_token, i.value) for i in batch]
             )
             for i in batch:

@@ -47,6 +47,7 @@ from orchestrator_engine import (
     WorkflowNotFoundError,
     WorkflowState,
 )
+from orchestrator_engine.check import check_invariants
 from orchestrator_engine.models import (
     TASK_TRANSITIONS,
     WORKFLOW_TRANSITIONS,
@@ -370,6 +371,51 @@ def test_paused_workflow_hands_out_no_task_until_resumed(
     assert sorted(e.task_id for e in poll_all(tc, worker)) == ["a", "b"]
     assert event_types(events_of(wc, instance.instance_id, EventType.WORKFLOW_PAUSED)) == ["WORKFLOW_PAUSED"]
     assert len(events_of(wc, instance.instance_id, EventType.WORKFLOW_RESUMED)) == 1
+
+
+def test_ready_tasks_of_paused_workflows_do_not_hold_back_the_queue(
+    wc: WorkflowCoordinator, tc: TaskCoordinator, pool: Pool
+) -> None:
+    register(wc, "shop", [TaskDefinition("a")])
+    paused = [start(wc, "shop") for _ in range(20)]
+    for p in paused:
+        wc.pause_workflow(p.instance_id)
+    running = start(wc, "shop")
+    worker = new_worker()
+
+    # the twenty older ready tasks are parked, so the oldest leasable one is the running workflow's
+    leased = tc.poll_tasks(worker, limit=1)
+    assert [e.workflow_instance_id for e in leased] == [running.instance_id]
+    assert [e.ready_at for e in executions(wc, paused[0].instance_id)] == [None]
+    with pool.connection() as conn:
+        assert check_invariants(conn).ok
+
+    wc.resume_workflow(paused[0].instance_id)
+    resumed = executions(wc, paused[0].instance_id)
+    assert resumed[0].ready_at is not None, "resuming makes the parked task leasable again"
+    assert [e.workflow_instance_id for e in tc.poll_tasks(worker, limit=5)] == [paused[0].instance_id]
+    with pool.connection() as conn:
+        assert check_invariants(conn).ok
+
+
+def test_ready_tasks_of_a_failed_workflow_wait_for_retry_task(
+    wc: WorkflowCoordinator, tc: TaskCoordinator, pool: Pool
+) -> None:
+    register(wc, "shop", [TaskDefinition("a", retry=single_attempt()), TaskDefinition("b")])
+    instance = start(wc, "shop")
+    worker = new_worker()
+    a = tc.poll_tasks(worker, task_types=["a"])[0]
+    fail(tc, a)
+    assert wc.get_workflow(instance.instance_id).state is W.FAILED
+    assert states(wc, instance.instance_id) == {"a": "FAILED", "b": "READY"}
+    assert tc.poll_tasks(worker, limit=10) == [], "b is ready, but its workflow failed"
+    with pool.connection() as conn:
+        assert check_invariants(conn).ok
+
+    tc.retry_task(instance.instance_id, "a")
+    assert sorted(e.task_id for e in tc.poll_tasks(worker, limit=10)) == ["a", "b"]
+    with pool.connection() as conn:
+        assert check_invariants(conn).ok
 
 
 def test_task_leased_before_pause_can_complete_and_its_result_is_kept(

@@ -58,6 +58,20 @@ class Engine:
         with self.pool.connection() as pooled:
             yield pooled
 
+    @contextmanager
+    def single(self) -> Iterator[psycopg.Connection[Any]]:
+        """Yield a pooled connection for one statement that is atomic by itself.
+
+        On an autocommit connection (``create_pool`` makes them) the statement commits alone, saving
+        the BEGIN and COMMIT round trips; any other connection gets a transaction around it.
+        """
+        with self.pool.connection() as pooled:
+            if pooled.autocommit:
+                yield pooled
+            else:
+                with pooled.transaction():
+                    yield pooled
+
     def encode(self, value: Any, what: str) -> str:
         return encode_payload(value, limit=self.config.max_payload_bytes, what=what)
 

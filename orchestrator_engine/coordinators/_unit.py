@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 W = WorkflowState
 FORWARD = TaskKind.FORWARD.value
+#: states in which an instance's ready executions may be leased
+RUNNABLE = (W.RUNNING, W.COMPENSATING)
+#: states that keep executions READY but not leasable: their ready_at is NULL (parked) until the
+#: instance runs again, so the poll's index only ever yields executions of runnable instances
+PARKING = (W.PAUSED, W.FAILED)
 COMPENSATION = TaskKind.COMPENSATION.value
 
 
@@ -86,30 +91,46 @@ class InstanceUnit:
         self.state = target
         self.emit(event, payload)
 
-    def flush(self) -> Row:
+    def flush(self) -> None:
         """Write the queued events and the instance row under the sequence guard."""
-        if not self.events and self.state.value == self.row["state"]:
-            return self.row  # nothing happened: leave the row (and updated_at) untouched
-        row = self.repos.instances.workflow_update_if_sequence(
-            self.conn,
-            events=json.dumps(self.events, default=str),
-            event_count=len(self.events),
-            instance_id=self.instance_id,
-            expected=self.expected,
-            new_sequence=self.expected + len(self.events),
-            state=self.state.value,
-            collect_output=self.collect_output,
-            pending_tasks=self.pending_tasks,
-            pending_compensations=self.pending_compensations,
-        )
-        if row is None:
-            raise ConcurrencyConflictError(f"workflow {self.instance_id} changed concurrently")
-        if self.scheduled and self.state in (W.RUNNING, W.COMPENSATING):
-            self.engine.notify(self.conn, self.row["namespace"])
+        flush_units(self.engine, self.conn, [self])
+
+    def flush_and_read(self) -> Row:
+        """Flush, then return the instance row as the database now holds it."""
+        self.flush()
+        row = self.repos.instances.workflow_get(self.conn, self.instance_id)
+        assert row is not None  # locked by this transaction
         self.row = row
-        self.expected = row["sequence_number"]
-        self.events = []
         return row
+
+    def plan(self) -> dict[str, Any]:
+        """Describe this unit's instance update for ``workflow_update_if_sequence``."""
+        return {
+            "instance_id": str(self.instance_id),
+            "expected": self.expected,
+            "new_sequence": self.expected + len(self.events),
+            "state": self.state.value,
+            "pending_tasks": self.pending_tasks,
+            "pending_compensations": self.pending_compensations,
+            "collect_output": self.collect_output,
+        }
+
+    def changed(self) -> bool:
+        return bool(self.events) or self.state.value != self.row["state"]
+
+    def flushed(self) -> None:
+        """Take the written state as the new baseline."""
+        self.row = {
+            **self.row,
+            "state": self.state.value,
+            "sequence_number": self.expected + len(self.events),
+            "pending_tasks": self.pending_tasks,
+            "pending_compensations": self.pending_compensations,
+        }
+        self.expected += len(self.events)
+        self.events = []
+        self.scheduled = False
+        self.collect_output = False
 
     def scheduled_events(self, rows: list[Row]) -> None:
         for row in rows:
@@ -143,16 +164,27 @@ class InstanceUnit:
 
         The statement that accepted it already deleted the execution's lease row.
         """
-        kind = row["kind"]
+        self.record_completion(row)
+        if self.releases_dependents(row):
+            done = [(self.instance_id, row["task_id"], row["kind"])]
+            self.scheduled_events(self.repos.executions.task_release_dependents(self.conn, done))
+        self.count_completion(row)
+
+    def record_completion(self, row: Row) -> None:
+        """Emit the completion event; releasing dependents and counting follow (``task_completed``)."""
         self.emit(
-            _event_name(kind, "COMPLETED"), self._task_payload(row), key=f"completed:{row['execution_id']}"
+            _event_name(row["kind"], "COMPLETED"),
+            self._task_payload(row),
+            key=f"completed:{row['execution_id']}",
         )
-        if kind != FORWARD or self.definition.dependents[row["task_id"]]:
-            released = self.repos.executions.task_release_dependents(
-                self.conn, self.instance_id, row["task_id"], kind
-            )
-            self.scheduled_events(released)
-        if kind == FORWARD:
+
+    def releases_dependents(self, row: Row) -> bool:
+        """Tell whether completing this execution can make other executions ready."""
+        return row["kind"] != FORWARD or bool(self.definition.dependents[row["task_id"]])
+
+    def count_completion(self, row: Row) -> None:
+        """Count a completion; the last forward task completes the workflow, the last undo compensates it."""
+        if row["kind"] == FORWARD:
             self.pending_tasks -= 1
             if self.pending_tasks == 0 and self.state in (W.RUNNING, W.PAUSED):
                 self.collect_output = True  # the final update gathers every task's output
@@ -321,3 +353,39 @@ class InstanceUnit:
         self.pending_compensations = len(inserted)
         if not inserted:
             self.move(W.COMPENSATED, EventType.WORKFLOW_COMPENSATED, {})
+
+
+def flush_units(engine: Engine, conn: psycopg.Connection[Any], units: list[InstanceUnit]) -> None:
+    """Write the changes of many locked instances in one statement, each under its sequence guard."""
+    changed = [u for u in units if u.changed()]
+    if not changed:
+        return  # nothing happened: leave the rows (and updated_at) untouched
+    events: list[dict[str, Any]] = []
+    park: list[UUID] = []
+    unpark: list[UUID] = []
+    notify: set[str] = set()
+    for u in changed:
+        events.extend(u.events)
+        if u.state in PARKING:
+            park.append(u.instance_id)
+        elif u.state in RUNNABLE:
+            if W(u.row["state"]) in PARKING:
+                unpark.append(u.instance_id)
+            if u.scheduled:
+                notify.add(u.row["namespace"])
+    result = engine.repos.instances.workflow_update_if_sequence(
+        conn,
+        events=json.dumps(events, default=str),
+        event_count=len(events),
+        instances=json.dumps([u.plan() for u in changed]),
+        park=park,
+        unpark=unpark,
+        channel=engine.channel,
+        notify=sorted(notify) if engine.config.notify else [],
+    )
+    if result is None or result["moved"] != len(changed):
+        raise ConcurrencyConflictError(
+            "workflow " + ", ".join(str(u.instance_id) for u in changed) + " changed concurrently"
+        )
+    for u in changed:
+        u.flushed()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -17,11 +19,24 @@ from ..models import EventType, TaskExecution, WorkflowState, execution_from_row
 from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_name, as_uuid
-from ._unit import COMPENSATION, FORWARD
+from ._unit import COMPENSATION, FORWARD, InstanceUnit, flush_units
 
 W = WorkflowState
+Row = dict[str, Any]
 #: lapsed leases reclaimed per acquisition call, so one poll never turns into a long sweep
 RECLAIM_PER_CALL = 8
+#: the instance columns task_finish_if_fenced returns with each finished execution
+_INSTANCE_COLUMNS = (
+    "namespace",
+    "workflow_name",
+    "workflow_version",
+    "state",
+    "sequence_number",
+    "pending_tasks",
+    "pending_compensations",
+)
+#: one result to record: (execution_id, fence_token, state, output text, error text)
+_Result = tuple[UUID, int, str, str | None, str | None]
 
 
 def _fence(value: object) -> int:
@@ -38,6 +53,9 @@ class TaskCoordinator:
     ) -> None:
         self._engine = engine or Engine(pool, config)
         self._config = config
+        self._reclaim_every = min(config.reclaim_interval, config.lease_duration / 10).total_seconds()
+        self._next_reclaim = 0.0
+        self._reclaim_lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -101,9 +119,13 @@ class TaskCoordinator:
         if namespace is not None:
             as_name(namespace, "namespace")
         types = None if task_types is None else [as_name(t, "task_type") for t in task_types]
-        with self._engine.transaction() as c:
-            # recovery needs no daemon: each poll first reclaims a few lapsed leases (SKIP LOCKED)
-            self._reclaim(c, RECLAIM_PER_CALL)
+        if self._reclaim_due():
+            # recovery needs no daemon: polls reclaim a few lapsed leases (SKIP LOCKED) now and then
+            with self._engine.transaction() as c:
+                reclaimed = self._reclaim(c, RECLAIM_PER_CALL)
+            if reclaimed == RECLAIM_PER_CALL:
+                self._next_reclaim = 0.0  # more may be waiting: look again on the next poll
+        with self._engine.single() as c:
             rows = self._engine.repos.executions.task_poll_and_lease(
                 c,
                 worker_id=wid,
@@ -112,9 +134,18 @@ class TaskCoordinator:
                 limit=limit,
                 lease=self._config.lease_duration,
             )
-            if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
-                raise AssertionError("poll lost an instance sequence update")  # pragma: no cover - invariant
+        if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
+            raise AssertionError("poll lost an instance sequence update")  # pragma: no cover - invariant
         return [execution_from_row(r) for r in rows]
+
+    def _reclaim_due(self) -> bool:
+        """Tell whether this poll should look for lapsed leases; most polls skip the scan."""
+        now = time.monotonic()
+        with self._reclaim_lock:
+            if now < self._next_reclaim:
+                return False
+            self._next_reclaim = now + self._reclaim_every
+            return True
 
     @traced("orchestrator.reclaim_expired_leases")
     def reclaim_expired_leases(self, *, limit: int = 100) -> int:
@@ -155,7 +186,7 @@ class TaskCoordinator:
         wid = as_uuid(worker_id, "worker_id")
         token = _fence(fence_token)
         output_text = self._engine.encode(output, "task output")
-        return self._finish(eid, wid, token, conn, "COMPLETED", output_text)
+        return self._finish_one(conn, wid, (eid, token, "COMPLETED", output_text, None))
 
     @traced("orchestrator.fail_task")
     def fail_task(
@@ -177,9 +208,8 @@ class TaskCoordinator:
             else:
                 error = {"message": error if isinstance(error, str) else json.dumps(error, default=repr)}
         error_text = self._engine.encode(error, "task error")
-        return self._finish(eid, wid, token, conn, "FAILED", error_text)
+        return self._finish_one(conn, wid, (eid, token, "FAILED", None, error_text))
 
-    @traced("orchestrator.complete_tasks")
     def complete_tasks(
         self, worker_id: UUID | str, results: Iterable[tuple[UUID | str, int, Any]]
     ) -> dict[UUID, TaskExecution | OrchestratorError]:
@@ -187,75 +217,115 @@ class TaskCoordinator:
 
         ``results`` holds ``(execution_id, fence_token, output)``. Each result is judged on its own:
         the answer maps each execution id to its completed TaskExecution, or to the FencingError or
-        PayloadError that refused it. Instances are locked in instance order, so concurrent batches
-        cannot deadlock. A database error fails the whole batch; retrying it is safe.
+        PayloadError that refused it. The whole batch is a handful of statements whatever its size;
+        instances are locked in instance order, so concurrent batches cannot deadlock. A database error
+        fails the whole batch; retrying it is safe.
+        """
+        outcome: dict[UUID, TaskExecution | OrchestratorError] = {}
+        accepted = self._complete_batch(worker_id, results)
+        fetch = [eid for eid, v in accepted.items() if not isinstance(v, OrchestratorError)]
+        with self._engine.reading() as c:
+            full = {r["execution_id"]: r for r in self._engine.repos.executions.task_get_many(c, fetch)}
+        for eid, value in accepted.items():
+            outcome[eid] = value if isinstance(value, OrchestratorError) else execution_from_row(full[eid])
+        return outcome
+
+    @traced("orchestrator.complete_tasks")
+    def _complete_batch(
+        self, worker_id: UUID | str, results: Iterable[tuple[UUID | str, int, Any]]
+    ) -> dict[UUID, Row | OrchestratorError]:
+        """Like ``complete_tasks``, but answer accepted results with a few columns, not a TaskExecution.
+
+        This is the worker's group commit: it skips reading the completed rows back.
         """
         wid = as_uuid(worker_id, "worker_id")
-        outcome: dict[UUID, TaskExecution | OrchestratorError] = {}
-        todo: list[tuple[UUID, int, str]] = []
+        outcome: dict[UUID, Row | OrchestratorError] = {}
+        todo: list[_Result] = []
         for execution_id, fence_token, output in results:
             eid = as_uuid(execution_id, "execution_id")
             try:
-                todo.append((eid, _fence(fence_token), self._engine.encode(output, "task output")))
+                todo.append(
+                    (eid, _fence(fence_token), "COMPLETED", self._engine.encode(output, "task output"), None)
+                )
             except PayloadError as exc:
                 outcome[eid] = exc
-        if not todo:
-            return outcome
-        repos = self._engine.repos
-        with self._engine.transaction() as c:
-            order = repos.executions.task_instances_of(c, [eid for eid, _, _ in todo])
-            todo.sort(key=lambda item: (str(order.get(item[0], "")), str(item[0])))
-            for eid, token, text in todo:
-                try:
-                    outcome[eid] = self._finish_in(c, eid, wid, token, "COMPLETED", text)
-                except FencingError as exc:
-                    outcome[eid] = exc
+        if todo:
+            with self._engine.transaction() as c:
+                outcome.update(self._finish_in(c, wid, todo))
         return outcome
 
-    def _finish(
-        self, eid: UUID, wid: UUID, token: int, conn: psycopg.Connection[Any] | None, outcome: str, text: str
-    ) -> TaskExecution:
+    def _finish_one(self, conn: psycopg.Connection[Any] | None, wid: UUID, result: _Result) -> TaskExecution:
+        eid = result[0]
         with self._engine.transaction(conn) as c:
-            return self._finish_in(c, eid, wid, token, outcome, text)
+            outcome = self._finish_in(c, wid, [result])[eid]
+            if isinstance(outcome, OrchestratorError):
+                raise outcome
+            row = self._engine.repos.executions.task_get(c, eid)
+        assert row is not None
+        return execution_from_row(row)
 
     def _finish_in(
-        self, c: psycopg.Connection[Any], eid: UUID, wid: UUID, token: int, outcome: str, text: str
-    ) -> TaskExecution:
+        self, c: psycopg.Connection[Any], wid: UUID, results: Sequence[_Result]
+    ) -> dict[UUID, Row | OrchestratorError]:
+        """Record results of executions ``wid`` holds: one statement finishes them all under their
+        fences, one releases the dependents of every completed task, one writes every instance."""
         repos = self._engine.repos
-        completed = outcome == "COMPLETED"
-        row = repos.executions.task_finish_if_fenced(
+        unique = list({r[0]: r for r in reversed(results)}.values())  # the first of repeated ids wins
+        rows = repos.executions.task_finish_if_fenced(
             c,
-            execution_id=eid,
             worker_id=wid,
-            fence_token=token,
-            state=outcome,
-            output=text if completed else None,
-            error=None if completed else text,
+            execution_ids=[r[0] for r in unique],
+            fence_tokens=[r[1] for r in unique],
+            states=[r[2] for r in unique],
+            outputs=[r[3] for r in unique],
+            errors=[r[4] for r in unique],
         )
-        if row is None:
-            latest = repos.executions.task_get(c, eid)
-            if latest is None:
-                raise FencingError(f"no execution {eid}", execution_id=eid, fence_token=token)
-            if (
-                latest["state"] == outcome
-                and latest["lease_holder"] == wid
-                and latest["fence_token"] == token
-            ):
-                return execution_from_row(latest)  # a retried call whose first try committed
-            raise FencingError(
-                f"execution {eid} is not held by worker {wid} with fence token {token} "
-                f"(state {latest['state']}, token {latest['fence_token']})",
-                execution_id=eid,
-                fence_token=token,
-            )
-        instance = {k[2:]: row.pop(k) for k in [k for k in row if k.startswith("w_")]}
-        unit = self._engine.unit(c, instance)
-        if completed:
-            unit.task_completed(row)
-        else:
-            unit.task_failed(row)
-        unit.flush()
-        return execution_from_row(row)
+        outcome: dict[UUID, Row | OrchestratorError] = {}
+        units: dict[UUID, InstanceUnit] = {}
+        finished: list[tuple[InstanceUnit, Row]] = []
+        for row in rows:
+            iid = row["workflow_instance_id"]
+            unit = units.get(iid)
+            if unit is None:
+                instance = {"instance_id": iid, **{k: row["w_" + k] for k in _INSTANCE_COLUMNS}}
+                unit = units[iid] = self._engine.unit(c, instance)
+            finished.append((unit, row))
+            outcome[row["execution_id"]] = row
+        release: list[tuple[UUID, str, str]] = []
+        for unit, row in finished:
+            if row["state"] == "COMPLETED":
+                unit.record_completion(row)
+                if unit.releases_dependents(row):
+                    release.append((unit.instance_id, row["task_id"], row["kind"]))
+        if release:
+            for ready in repos.executions.task_release_dependents(c, release):
+                units[ready["workflow_instance_id"]].scheduled_events([ready])
+        for unit, row in finished:
+            if row["state"] == "COMPLETED":
+                unit.count_completion(row)
+            else:
+                unit.task_failed(row)
+        flush_units(self._engine, c, list(units.values()))
+        for eid, token, state, _, _ in unique:
+            if eid not in outcome:
+                outcome[eid] = self._refused(c, eid, wid, token, state)
+        return outcome
+
+    def _refused(
+        self, c: psycopg.Connection[Any], eid: UUID, wid: UUID, token: int, state: str
+    ) -> Row | OrchestratorError:
+        """Explain a result the fence refused: a retried call whose first try committed is accepted."""
+        latest = self._engine.repos.executions.task_get(c, eid)
+        if latest is None:
+            return FencingError(f"no execution {eid}", execution_id=eid, fence_token=token)
+        if latest["state"] == state and latest["lease_holder"] == wid and latest["fence_token"] == token:
+            return latest
+        return FencingError(
+            f"execution {eid} is not held by worker {wid} with fence token {token} "
+            f"(state {latest['state']}, token {latest['fence_token']})",
+            execution_id=eid,
+            fence_token=token,
+        )
 
     def renew_lease(self, execution_id: UUID | str, worker_id: UUID | str) -> bool:
         """Extend the lease to now + lease_duration; False when the worker no longer holds it."""

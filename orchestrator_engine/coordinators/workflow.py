@@ -338,7 +338,7 @@ class WorkflowCoordinator:
                 payload["cancelled_executions"] = unit.stop_open_work(None)
             if target is W.RUNNING:
                 unit.scheduled = True  # wake workers: the instance's ready tasks are eligible again
-            return instance_from_row(unit.flush())
+            return instance_from_row(unit.flush_and_read())
 
     @traced("orchestrator.trigger_compensation")
     def trigger_compensation(
@@ -362,7 +362,7 @@ class WorkflowCoordinator:
                 | unit.definition.descendants(from_task_id)
             )
             unit.start_compensation(scope, {"trigger": "manual", "from_task": from_task_id})
-            return instance_from_row(unit.flush())
+            return instance_from_row(unit.flush_and_read())
 
     # -- retention -------------------------------------------------------------------------------
 

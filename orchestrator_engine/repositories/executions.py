@@ -19,12 +19,11 @@ class ExecutionRepository(Repository):
     def task_insert_retry(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
         return self._one(conn, "task_insert_retry", params)
 
-    def task_instances_of(self, conn: psycopg.Connection[Any], execution_ids: list[UUID]) -> dict[UUID, UUID]:
-        rows = self._all(conn, "task_instances_of", {"execution_ids": execution_ids})
-        return {r["execution_id"]: r["workflow_instance_id"] for r in rows}
-
     def task_get(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Row | None:
         return self._one(conn, "task_get", {"execution_id": execution_id})
+
+    def task_get_many(self, conn: psycopg.Connection[Any], execution_ids: list[UUID]) -> list[Row]:
+        return self._all(conn, "task_get_many", {"execution_ids": execution_ids})
 
     def task_list_for_instance(self, conn: psycopg.Connection[Any], instance_id: UUID) -> list[Row]:
         return self._all(conn, "task_list_for_instance", {"instance_id": instance_id})
@@ -58,8 +57,8 @@ class ExecutionRepository(Repository):
         params = {"execution_id": execution_id, "error": error, "lapse": lapse}
         return self._one(conn, "task_fail_if_lapsed", params)
 
-    def task_finish_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> Row | None:
-        return self._one(conn, "task_finish_if_fenced", params)
+    def task_finish_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> list[Row]:
+        return self._all(conn, "task_finish_if_fenced", params)
 
     def task_renew_many_if_held(
         self, conn: psycopg.Connection[Any], execution_ids: list[UUID], worker_id: UUID, lease: timedelta
@@ -68,9 +67,14 @@ class ExecutionRepository(Repository):
         return {row["execution_id"] for row in self._all(conn, "task_renew_many_if_held", params)}
 
     def task_release_dependents(
-        self, conn: psycopg.Connection[Any], instance_id: UUID, task_id: str, kind: str
+        self, conn: psycopg.Connection[Any], done: list[tuple[UUID, str, str]]
     ) -> list[Row]:
-        params = {"instance_id": instance_id, "task_id": task_id, "kind": kind}
+        """Release the dependents of completed ``(instance_id, task_id, kind)`` tasks."""
+        params = {
+            "instance_ids": [d[0] for d in done],
+            "task_ids": [d[1] for d in done],
+            "kinds": [d[2] for d in done],
+        }
         return self._all(conn, "task_release_dependents", params)
 
     def task_cancel_open(

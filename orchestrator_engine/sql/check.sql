@@ -66,6 +66,15 @@ FROM {schema}.task_executions e
 JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
 WHERE w.state IN ('COMPLETED', 'CANCELLED', 'COMPENSATED') AND e.state IN ('PENDING', 'READY', 'RUNNING')
 
+-- name: check_ready_parking
+-- READY executions are leasable (ready_at set) exactly while their workflow is RUNNING or COMPENSATING;
+-- otherwise they are parked (ready_at NULL), so the poll's index scan never meets them.
+SELECT e.workflow_instance_id, e.execution_id, e.ready_at IS NULL AS parked, w.state AS workflow_state
+FROM {schema}.task_executions e
+JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
+WHERE e.state = 'READY'
+  AND (e.ready_at IS NULL) = (w.state IN ('RUNNING', 'COMPENSATING'))
+
 -- name: check_unfinished_workflows
 SELECT instance_id, state FROM {schema}.workflow_instances
 WHERE state NOT IN ('COMPLETED', 'CANCELLED', 'COMPENSATED')

@@ -26,10 +26,6 @@ FROM {schema}.task_executions e
 WHERE e.execution_id = %(execution_id)s
 RETURNING *
 
--- name: task_instances_of
-SELECT execution_id, workflow_instance_id FROM {schema}.task_executions
-WHERE execution_id = ANY(%(execution_ids)s::uuid[])
-
 -- name: task_get
 SELECT * FROM {schema}.task_executions WHERE execution_id = %(execution_id)s
 
@@ -74,22 +70,29 @@ WHERE e.execution_id = lease.lease_key
 RETURNING e.*
 
 -- name: task_poll_and_lease
--- Pick the oldest ready executions of running workflows, lease them, write one TASK_STARTED event each
--- and advance each instance's sequence, all in one statement.
--- A poller never waits: it locks each candidate's instance row and execution with SKIP LOCKED, so it
--- cannot be part of a cycle of waits, and it never queues behind a busy instance (a worker that comes
--- back short re-polls soon). Row locking re-reads the newest committed instance row, so seq0 is current.
-WITH picked AS (
-    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at, w.sequence_number AS seq0
+-- Pick the oldest ready executions, lease them, write one TASK_STARTED event each and advance each
+-- instance's sequence, all in one statement.
+-- The pick reads the ready index alone (ORDER BY ready_at LIMIT n), a plan no statistics can spoil:
+-- READY rows of a workflow that is not running (paused, failed) are parked with ready_at NULL, so
+-- every ready row the index yields belongs to a runnable instance; the state is still re-checked.
+-- A poller never waits: it locks executions, then their instance rows, with SKIP LOCKED, so it cannot
+-- be part of a cycle of waits and never queues behind a busy instance (a worker that comes back short
+-- re-polls soon). Row locking re-reads the newest committed instance row, so seq0 is current.
+WITH candidates AS MATERIALIZED (
+    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at
     FROM {schema}.task_executions e
-    JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
     WHERE e.state = 'READY' AND e.ready_at <= now()
-      AND w.state IN ('RUNNING', 'COMPENSATING')
       AND (%(namespace)s::text IS NULL OR e.namespace = %(namespace)s::text)
       AND (%(task_types)s::text[] IS NULL OR e.task_type = ANY(%(task_types)s::text[]))
     ORDER BY e.ready_at
     LIMIT %(limit)s
-    FOR NO KEY UPDATE OF w, e SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
+), picked AS MATERIALIZED (
+    SELECT c.execution_id, c.workflow_instance_id, c.timeout, c.ready_at, w.sequence_number AS seq0
+    FROM candidates c
+    JOIN {schema}.workflow_instances w ON w.instance_id = c.workflow_instance_id
+    WHERE w.state IN ('RUNNING', 'COMPENSATING')
+    FOR NO KEY UPDATE OF w SKIP LOCKED
 ), numbered AS (
     SELECT p.*,
            row_number() OVER (PARTITION BY p.workflow_instance_id ORDER BY p.ready_at, p.execution_id) AS rn,
@@ -136,7 +139,6 @@ SELECT g.*,
        (SELECT count(*) FROM started) AS started_events
 FROM granted g
 ORDER BY g.ready_at
-
 -- name: task_select_lapsed
 -- Lapsed leases, locked with their instance; SKIP LOCKED so reclaimers never wait on each other.
 SELECT e.execution_id, e.workflow_instance_id
@@ -167,31 +169,46 @@ WITH finished AS (
 SELECT * FROM finished
 
 -- name: task_finish_if_fenced
--- state is COMPLETED (with output) or FAILED (with error).
--- Lock the instance first (the lock order every writer keeps), then finish the execution under the
--- fence guard; its lease row goes in the same statement. The instance row comes back as w_* columns.
-WITH locked AS (
-    SELECT w.* FROM {schema}.workflow_instances w
-    WHERE w.instance_id = (SELECT x.workflow_instance_id FROM {schema}.task_executions x
-                           WHERE x.execution_id = %(execution_id)s)
+-- Finish a batch of executions held by one worker: each row of the batch is COMPLETED (with output)
+-- or FAILED (with error), accepted only under its fence token; lease rows go in the same statement.
+-- Lock order, the one every writer keeps: the instances first, in instance order (the one-time filter
+-- on `held` takes them all before any execution), then the executions in (instance, execution) order,
+-- as lease renewal takes them. The instance rows come back as w_* columns.
+WITH req AS (
+    SELECT r.execution_id, r.fence_token, r.state, r.output::jsonb AS output, r.error::jsonb AS error
+    FROM unnest(%(execution_ids)s::uuid[], %(fence_tokens)s::numeric[], %(states)s::text[],
+                %(outputs)s::text[], %(errors)s::text[]) AS r(execution_id, fence_token, state, output, error)
+), locked AS MATERIALIZED (
+    SELECT w.instance_id, w.namespace, w.workflow_name, w.workflow_version, w.state, w.sequence_number,
+           w.pending_tasks, w.pending_compensations
+    FROM {schema}.workflow_instances w
+    WHERE w.instance_id IN (SELECT x.workflow_instance_id FROM {schema}.task_executions x
+                            WHERE x.execution_id = ANY(%(execution_ids)s::uuid[]))
+    ORDER BY w.instance_id
     FOR NO KEY UPDATE
+), held AS MATERIALIZED (
+    SELECT e.execution_id, q.state, q.output, q.error
+    FROM {schema}.task_executions e
+    JOIN req q ON q.execution_id = e.execution_id
+    WHERE (SELECT count(*) FROM locked) >= 0
+      AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s AND e.fence_token = q.fence_token
+    ORDER BY e.workflow_instance_id, e.execution_id
+    FOR NO KEY UPDATE OF e
 ), finished AS (
-    UPDATE {schema}.task_executions
-    SET state = %(state)s, output = %(output)s::jsonb, error = %(error)s::jsonb, finished_at = now()
-    WHERE execution_id = %(execution_id)s AND state = 'RUNNING'
-      AND lease_holder = %(worker_id)s AND fence_token = %(fence_token)s
-      AND EXISTS (SELECT 1 FROM locked)
-    RETURNING *
+    UPDATE {schema}.task_executions e
+    SET state = h.state, output = h.output, error = h.error, finished_at = now()
+    FROM held h
+    WHERE e.execution_id = h.execution_id
+    RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.kind, e.state, e.attempt_number,
+              e.lapse_count, e.max_attempts, e.fence_token, e.error
 ), released AS (
     DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
 )
-SELECT f.*, l.instance_id AS w_instance_id, l.namespace AS w_namespace,
-       l.workflow_name AS w_workflow_name, l.workflow_version AS w_workflow_version, l.run_id AS w_run_id,
-       l.state AS w_state, l.input AS w_input, l.output AS w_output, l.sequence_number AS w_sequence_number,
-       l.pending_tasks AS w_pending_tasks, l.pending_compensations AS w_pending_compensations,
-       l.created_at AS w_created_at, l.updated_at AS w_updated_at
-FROM finished f CROSS JOIN locked l
-
+SELECT f.*, l.namespace AS w_namespace, l.workflow_name AS w_workflow_name,
+       l.workflow_version AS w_workflow_version, l.state AS w_state, l.sequence_number AS w_sequence_number,
+       l.pending_tasks AS w_pending_tasks, l.pending_compensations AS w_pending_compensations
+FROM finished f JOIN locked l ON l.instance_id = f.workflow_instance_id
+ORDER BY f.workflow_instance_id, f.execution_id
 -- name: task_renew_many_if_held
 -- A lapsed lease is not renewable (the worker must drop its result), nor is one past its task's
 -- timeout: the attempt is then treated as failed.
@@ -219,13 +236,26 @@ WITH held AS (
 SELECT execution_id FROM renewed
 
 -- name: task_release_dependents
--- One dependency of each waiting execution completed; those with none left become READY with their
--- input built from their dependencies' outputs (compensations keep the input they were created with).
+-- Tasks of this transaction's instances completed (one row per completed task, parallel arrays); each
+-- waiting execution of the same kind loses the dependencies among them, and those with none left become
+-- READY with their input built from their dependencies' outputs (compensations keep the input they were
+-- created with).
+WITH done AS (
+    SELECT d.instance_id, d.task_id, d.kind
+    FROM unnest(%(instance_ids)s::uuid[], %(task_ids)s::text[], %(kinds)s::text[]) AS d(instance_id, task_id, kind)
+), hits AS (
+    SELECT e.execution_id, count(*)::integer AS n
+    FROM done d
+    JOIN {schema}.task_executions e
+      ON e.workflow_instance_id = d.instance_id AND e.kind = d.kind AND d.task_id = ANY(e.depends_on)
+    WHERE e.state = 'PENDING'
+    GROUP BY e.execution_id
+)
 UPDATE {schema}.task_executions e
-SET deps_remaining = e.deps_remaining - 1,
-    state = CASE WHEN e.deps_remaining = 1 THEN 'READY' ELSE 'PENDING' END,
-    ready_at = CASE WHEN e.deps_remaining = 1 THEN now() END,
-    input = CASE WHEN e.deps_remaining = 1 AND e.kind = 'FORWARD' THEN
+SET deps_remaining = e.deps_remaining - h.n,
+    state = CASE WHEN e.deps_remaining = h.n THEN 'READY' ELSE 'PENDING' END,
+    ready_at = CASE WHEN e.deps_remaining = h.n THEN now() END,
+    input = CASE WHEN e.deps_remaining = h.n AND e.kind = 'FORWARD' THEN
         jsonb_build_object(
             'workflow', (SELECT w.input FROM {schema}.workflow_instances w WHERE w.instance_id = e.workflow_instance_id),
             'dependencies', (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
@@ -233,10 +263,9 @@ SET deps_remaining = e.deps_remaining - 1,
                              WHERE d.workflow_instance_id = e.workflow_instance_id AND d.kind = 'FORWARD'
                                AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on)))
         ELSE e.input END
-WHERE e.workflow_instance_id = %(instance_id)s AND e.kind = %(kind)s AND e.state = 'PENDING'
-  AND %(task_id)s = ANY(e.depends_on)
-RETURNING e.*
-
+FROM hits h
+WHERE e.execution_id = h.execution_id
+RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.kind, e.state, e.attempt_number, e.lapse_count
 -- name: task_cancel_open
 UPDATE {schema}.task_executions
 SET state = 'CANCELLED', finished_at = now()
@@ -246,3 +275,6 @@ RETURNING *
 
 -- name: task_lease_delete
 DELETE FROM {schema}.execution_leases WHERE lease_key = ANY(%(execution_ids)s::uuid[])
+
+-- name: task_get_many
+SELECT * FROM {schema}.task_executions WHERE execution_id = ANY(%(execution_ids)s::uuid[])

@@ -11,7 +11,10 @@ WHERE namespace = %(namespace)s AND workflow_name = %(workflow_name)s AND run_id
 SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s FOR NO KEY UPDATE
 
 -- name: workflow_update_if_sequence
--- Append the unit of work's events and move the instance on, in one round trip.
+-- Append the units of work's events and move each instance on, in one round trip for any number of
+-- locked instances, each under its sequence guard. In the same statement: parking (ready_at NULL) the
+-- READY executions of instances that stop running (paused, failed) so the poll's index never yields
+-- them, unparking those of instances that run again, and the NOTIFY that wakes idle workers.
 WITH appended AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
@@ -21,22 +24,37 @@ WITH appended AS (
         AS r(workflow_instance_id uuid, sequence_number bigint, event_type text, payload jsonb,
              idempotency_key text)
     RETURNING 1
+), moved AS (
+    UPDATE {schema}.workflow_instances w
+    SET state = r.state,
+        output = CASE WHEN r.collect_output THEN
+            (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
+             FROM {schema}.task_executions d
+             WHERE d.workflow_instance_id = w.instance_id AND d.kind = 'FORWARD' AND d.state = 'COMPLETED')
+            ELSE w.output END,
+        pending_tasks = r.pending_tasks,
+        pending_compensations = r.pending_compensations,
+        sequence_number = r.new_sequence,
+        updated_at = now()
+    FROM jsonb_to_recordset(%(instances)s::jsonb)
+        AS r(instance_id uuid, expected bigint, new_sequence bigint, state text, pending_tasks integer,
+             pending_compensations integer, collect_output boolean)
+    WHERE w.instance_id = r.instance_id AND w.sequence_number = r.expected
+      AND (SELECT count(*) FROM appended) = %(event_count)s
+    RETURNING w.instance_id
+), parked AS (
+    UPDATE {schema}.task_executions e SET ready_at = NULL
+    WHERE e.workflow_instance_id = ANY(%(park)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NOT NULL
+    RETURNING 1
+), unparked AS (
+    UPDATE {schema}.task_executions e SET ready_at = now()
+    WHERE e.workflow_instance_id = ANY(%(unpark)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NULL
+    RETURNING 1
+), notified AS (
+    SELECT pg_notify(%(channel)s, n.namespace) FROM unnest(%(notify)s::text[]) AS n(namespace)
 )
-UPDATE {schema}.workflow_instances
-SET state = %(state)s,
-    output = CASE WHEN %(collect_output)s THEN
-        (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
-         FROM {schema}.task_executions d
-         WHERE d.workflow_instance_id = %(instance_id)s AND d.kind = 'FORWARD' AND d.state = 'COMPLETED')
-        ELSE output END,
-    pending_tasks = %(pending_tasks)s,
-    pending_compensations = %(pending_compensations)s,
-    sequence_number = %(new_sequence)s,
-    updated_at = now()
-WHERE instance_id = %(instance_id)s AND sequence_number = %(expected)s
-  AND (SELECT count(*) FROM appended) = %(event_count)s
-RETURNING *
-
+SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS notified,
+       (SELECT count(*) FROM parked) AS parked, (SELECT count(*) FROM unparked) AS unparked
 -- name: workflow_start_many
 -- Start a batch in one statement: instances (ON CONFLICT skips run_ids that exist), then the tasks
 -- and the first events of only the instances this statement inserted. Each instance is born with the

@@ -64,7 +64,8 @@ PENDING, READY, RUNNING, COMPLETED, FAILED, CANCELLED = (
 OPEN = (PENDING, READY, RUNNING)
 #: every grant fits in this lease, so a lease lapses only when the lapse rule says so
 LEASE = timedelta(hours=1)
-#: poll_tasks reclaims at most this many lapsed leases before leasing (RECLAIM_PER_CALL)
+#: poll_tasks reclaims at most this many lapsed leases before leasing (RECLAIM_PER_CALL), on every
+#: poll when reclaim_interval is zero
 RECLAIM_PER_POLL = 8
 MAX_INSTANCES = 4
 
@@ -343,7 +344,12 @@ class EngineMachine(RuleBasedStateMachine):
             )
         self.dsn = conninfo.make_conninfo(env.server_dsn, dbname=self.dbname)
         self.config = EngineConfig(
-            dsn=self.dsn, lease_duration=LEASE, renewal_interval=timedelta(minutes=1), notify=False
+            dsn=self.dsn,
+            lease_duration=LEASE,
+            renewal_interval=timedelta(minutes=1),
+            # every poll reclaims, so the model knows which lapsed leases a poll takes back
+            reclaim_interval=timedelta(0),
+            notify=False,
         )
         self.pool = create_pool(self.config, min_size=1, max_size=2)
         self.wc = WorkflowCoordinator(self.pool, self.config)
