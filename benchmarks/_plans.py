@@ -80,7 +80,6 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
         "payload": {"execution_id": str(sample.execution_id), "task_id": "a"},
         "idempotency_key": f"{sample.instance_id}:completed:{sample.execution_id}:",
     }
-    held = {"execution_id": sample.execution_id, "worker_id": sample.worker_id}
     return {
         "task_poll_and_lease": {
             "worker_id": uuid.uuid4(),
@@ -89,15 +88,20 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
             "limit": 16,
             "lease": LEASE,
         },
-        # task_complete_if_fenced and task_fail_if_fenced, merged into one statement
+        # completion and failure of a batch of results, one statement (here a batch of one)
         "task_finish_if_fenced": {
-            **held,
-            "fence_token": sample.fence_token,
-            "state": "COMPLETED",
-            "output": "null",
-            "error": None,
+            "worker_id": sample.worker_id,
+            "execution_ids": [sample.execution_id],
+            "fence_tokens": [sample.fence_token],
+            "states": ["COMPLETED"],
+            "outputs": ["null"],
+            "errors": [None],
         },
-        "task_release_dependents": {"instance_id": sample.instance_id, "task_id": "a", "kind": "FORWARD"},
+        "task_release_dependents": {
+            "instance_ids": [sample.instance_id],
+            "task_ids": ["a"],
+            "kinds": ["FORWARD"],
+        },
         "workflow_lock": {"instance_id": sample.instance_id},
         "task_renew_many_if_held": {
             "execution_ids": sample.leased,
@@ -105,18 +109,26 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
             "lease": LEASE,
         },
         "task_select_lapsed": {"limit": 8},
-        "task_instances_of": {"execution_ids": sample.leased},
         "workflow_update_if_sequence": {
-            "instance_id": sample.instance_id,
-            "expected": 2,
-            "new_sequence": 3,
-            "state": "RUNNING",
-            "output": None,
-            "pending_tasks": 2,
-            "pending_compensations": 0,
+            "instances": json.dumps(
+                [
+                    {
+                        "instance_id": str(sample.instance_id),
+                        "expected": 2,
+                        "new_sequence": 3,
+                        "state": "RUNNING",
+                        "pending_tasks": 2,
+                        "pending_compensations": 0,
+                        "collect_output": False,
+                    }
+                ]
+            ),
             "events": json.dumps([event]),
             "event_count": 1,
-            "collect_output": False,
+            "park": [],
+            "unpark": [],
+            "channel": "orchestrator_engine_plans",
+            "notify": [_shapes.NAMESPACE],
         },
         "definition_get_latest": {"namespace": _shapes.NAMESPACE, "name": "chain"},
         "workflow_start_many": _start_many_parameters(),
@@ -161,7 +173,12 @@ def _start_many_parameters() -> dict[str, Any]:
         }
         for seq, kind in ((1, "WORKFLOW_STARTED"), (2, "TASK_SCHEDULED"))
     ]
-    return {"instances": json.dumps([instance]), "tasks": json.dumps([task]), "events": json.dumps(events)}
+    return {
+        "instances": json.dumps([instance]),
+        "tasks": json.dumps([task]),
+        "events": json.dumps(events),
+        "channel": None,
+    }
 
 
 def missing_parameters(name: str, params: dict[str, Any]) -> list[str]:

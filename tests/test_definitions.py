@@ -16,6 +16,7 @@ from orchestrator_engine import (
     EngineConfig,
     InvalidDefinitionError,
     RetryPolicy,
+    StartWorkflowRequest,
     TaskDefinition,
     WorkflowCoordinator,
     WorkflowDefinition,
@@ -293,6 +294,70 @@ def test_versions_coexist_and_the_latest_is_the_default(wc: WorkflowCoordinator)
     assert wc.get_definition(NAMESPACE, "orders") == v2
     assert wc.get_definition(NAMESPACE, "orders", 1) == v1
     assert wc.get_definition(NAMESPACE, "orders", 2) == v2
+
+
+def test_a_start_without_version_uses_a_version_another_engine_registered_after_this_one_cached_the_latest(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig
+) -> None:
+    register(wc, "orders", chain("v1_task"), version=1)
+    assert start(wc, "orders").workflow_version == 1  # wc's engine has learnt that 1 is the latest
+    elsewhere = WorkflowCoordinator(pool, engine_config)  # another engine: another process, say
+    register(elsewhere, "orders", chain("v2_task"), version=2)
+
+    latest = start(wc, "orders", run_id="after-v2")
+    assert latest.workflow_version == 2
+    assert [e.task_id for e in wc.list_tasks(latest.instance_id)] == ["v2_task"]
+    assert_history_valid(wc, latest.instance_id)
+    assert start(wc, "orders", version=1).workflow_version == 1
+    rows = query(
+        pool, engine_config, "SELECT count(*) AS n FROM {}.workflow_instances WHERE run_id = %s", "after-v2"
+    )
+    assert rows[0]["n"] == 1
+
+
+def test_a_batch_planned_with_an_outdated_latest_version_starts_every_unversioned_run_on_the_new_one(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig
+) -> None:
+    register(wc, "orders", chain("v1_task"), version=1)
+    start(wc, "orders")  # wc's engine has learnt that 1 is the latest
+    register(WorkflowCoordinator(pool, engine_config), "orders", chain("v2_task"), version=2)
+
+    batch = wc.start_workflows(
+        [
+            StartWorkflowRequest(NAMESPACE, "orders", "latest-a"),
+            StartWorkflowRequest(NAMESPACE, "orders", "pinned", version=1),
+            StartWorkflowRequest(NAMESPACE, "orders", "latest-b"),
+        ]
+    )
+    assert [(i.run_id, i.workflow_version) for i in batch] == [
+        ("latest-a", 2),
+        ("pinned", 1),
+        ("latest-b", 2),
+    ]
+    for instance in batch:
+        assert_history_valid(wc, instance.instance_id)
+    rows = query(pool, engine_config, "SELECT count(*) AS n FROM {}.workflow_instances")
+    assert rows[0]["n"] == 4, "the batch planned on version 1 wrote nothing before it was planned again"
+
+
+def test_a_start_in_a_host_transaction_uses_the_latest_version_that_transaction_sees(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig, dsn: str
+) -> None:
+    register(wc, "orders", chain("v1_task"), version=1)
+    start(wc, "orders")  # wc's engine has learnt that 1 is the latest
+    elsewhere = WorkflowCoordinator(pool, engine_config)
+    uncommitted = WorkflowDefinition(
+        namespace=NAMESPACE, name="orders", tasks=tuple(chain("v2_task")), version=2
+    )
+    with psycopg.connect(dsn) as host:
+        host.execute("SELECT 1")  # the host's own transaction is open
+        elsewhere.register_workflow(uncommitted, conn=host)
+        assert start(wc, "orders", conn=host).workflow_version == 2
+        host.rollback()
+
+    after = start(wc, "orders")
+    assert after.workflow_version == 1, "a version seen only inside a rolled-back transaction is not cached"
+    assert [e.task_id for e in wc.list_tasks(after.instance_id)] == ["v1_task"]
 
 
 def test_same_name_in_another_namespace_is_another_workflow(wc: WorkflowCoordinator) -> None:

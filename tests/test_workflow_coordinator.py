@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +33,7 @@ from helpers import (
     start,
     states,
 )
+from psycopg import sql
 
 from orchestrator_engine import (
     EngineConfig,
@@ -46,6 +48,7 @@ from orchestrator_engine import (
     WorkflowInstance,
     WorkflowNotFoundError,
     WorkflowState,
+    create_pool,
 )
 from orchestrator_engine.check import check_invariants
 from orchestrator_engine.models import (
@@ -150,6 +153,58 @@ def test_twelve_simultaneous_starts_with_one_run_id_create_exactly_one_instance(
     instance_id = results[0].instance_id
     assert len(wc.list_tasks(instance_id)) == 4, "tasks were created once"
     assert len(events_of(wc, instance_id, EventType.WORKFLOW_STARTED)) == 1
+
+
+@pytest.fixture
+def listener(dsn: str, wc: WorkflowCoordinator) -> Iterator[psycopg.Connection[Any]]:
+    """Yield a connection that LISTENs on the channel where the engine wakes idle workers."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(wc.engine.channel)))
+        yield conn
+
+
+def wake_ups(listener: psycopg.Connection[Any], count: int) -> list[str]:
+    """Return the namespaces of the next ``count`` wake-ups, in commit order."""
+    return [n.payload for n in listener.notifies(timeout=10, stop_after=count)]
+
+
+def test_a_start_wakes_workers_and_a_repeated_start_does_not(
+    wc: WorkflowCoordinator, listener: psycopg.Connection[Any]
+) -> None:
+    register(wc, "shop", chain("a"))
+    register(wc, "shop", chain("a"), namespace="other")
+    start(wc, "shop", run_id="once")
+    start(wc, "shop", run_id="once")  # exists already: no new work for a worker
+    wc.start_workflows(
+        [StartWorkflowRequest("other", "shop", "batch-1"), StartWorkflowRequest("other", "shop", "batch-2")]
+    )
+    assert wake_ups(listener, 2) == [NAMESPACE, "other"], "one wake-up for each start that started something"
+
+
+def test_a_start_with_notify_off_or_rolled_back_with_its_host_wakes_no_worker(
+    wc: WorkflowCoordinator,
+    pool: Pool,
+    engine_config: EngineConfig,
+    host: psycopg.Connection[Any],
+    listener: psycopg.Connection[Any],
+) -> None:
+    register(wc, "shop", chain("a"))
+    register(wc, "shop", chain("a"), namespace="other")
+    start(WorkflowCoordinator(pool, replace(engine_config, notify=False)), "shop")
+    host.execute("INSERT INTO public.orders VALUES (1)")  # opens the host's implicit transaction
+    start(wc, "shop", conn=host)
+    host.rollback()
+    start(wc, "shop", namespace="other")
+    assert wake_ups(listener, 1) == ["other"]
+
+
+def test_a_start_through_a_pool_of_non_autocommit_connections_is_committed(
+    engine_config: EngineConfig, wc: WorkflowCoordinator
+) -> None:
+    register(wc, "shop", chain("a"))
+    with create_pool(engine_config, kwargs={"autocommit": False}) as plain:
+        started = start(WorkflowCoordinator(plain, engine_config), "shop", run_id="kept")
+    assert wc.find_workflow(NAMESPACE, "shop", "kept") == started
 
 
 def test_same_run_id_in_two_workflows_starts_two_instances(wc: WorkflowCoordinator) -> None:

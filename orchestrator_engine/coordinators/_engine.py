@@ -33,6 +33,8 @@ class Engine:
         self.repos = Repositories(config.schema)
         self.channel = notify_channel(config.schema)
         self._definitions: dict[tuple[str, str, int], WorkflowDefinition] = {}
+        #: the latest version of each (namespace, name) last seen; may be stale, see latest_definition
+        self._latest: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -91,6 +93,37 @@ class Engine:
             with self._lock:
                 self._definitions[key] = definition
         return definition
+
+    def latest_definition(
+        self, conn: psycopg.Connection[Any], namespace: str, name: str, *, cached: bool
+    ) -> WorkflowDefinition:
+        """Return the latest registered version, from the cache when ``cached`` and it has one.
+
+        Another engine may have registered a newer version since the cache learnt the latest, so a
+        cached answer is only safe in a statement that checks it is still the latest (as
+        ``workflow_start_many`` does); ``cached=False`` always asks the database.
+        """
+        key = (namespace, name)
+        version = self._latest.get(key) if cached else None
+        if version is not None:
+            return self.definition(conn, namespace, name, version)
+        row = self.repos.definitions.definition_get_latest(conn, namespace, name)
+        if row is None:
+            raise WorkflowNotFoundError(f"no workflow {namespace}/{name} is registered")
+        version = int(row["version"])
+        definition = self._definitions.get((namespace, name, version))
+        if definition is None:
+            definition = WorkflowDefinition.from_json(row["definition"])
+        if not getattr(self._local, "host_depth", 0):
+            with self._lock:
+                self._definitions[(namespace, name, version)] = definition
+                self._latest[key] = version
+        return definition
+
+    def forget_latest(self, namespace: str, name: str) -> None:
+        """Drop the cached latest version of a workflow, so the next start looks it up."""
+        with self._lock:
+            self._latest.pop((namespace, name), None)
 
     def lock(self, conn: psycopg.Connection[Any], instance_id: UUID) -> InstanceUnit:
         """Lock an instance row and return the unit of work that changes it."""

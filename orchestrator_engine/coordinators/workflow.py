@@ -90,6 +90,9 @@ class WorkflowCoordinator:
                 c, definition.namespace, definition.name, definition.version
             )
         assert row is not None
+        # this engine's next start without a version looks the latest up again (other engines' starts
+        # notice the new version through the guard of workflow_start_many)
+        self._engine.forget_latest(definition.namespace, definition.name)
         if row["content_hash"] != definition.content_hash:
             raise DefinitionConflictError(
                 f"{definition.namespace}/{definition.name} version {definition.version} is already "
@@ -109,10 +112,7 @@ class WorkflowCoordinator:
         self, c: psycopg.Connection[Any], namespace: str, name: str, version: int | None
     ) -> WorkflowDefinition:
         if version is None:
-            row = self._engine.repos.definitions.definition_get_latest(c, namespace, name)
-            if row is None:
-                raise WorkflowNotFoundError(f"no workflow {namespace}/{name} is registered")
-            version = int(row["version"])
+            return self._engine.latest_definition(c, namespace, name, cached=False)
         return self._engine.definition(c, namespace, name, version)
 
     # -- start -----------------------------------------------------------------------------------
@@ -123,8 +123,7 @@ class WorkflowCoordinator:
     ) -> WorkflowInstance:
         """Start a run, or return the existing one for the same (namespace, workflow_name, run_id)."""
         input_text = self._check_request(request)
-        with self._engine.transaction(conn) as c:
-            return self._start_many(c, [(request, input_text)])[0]
+        return self._start(conn, [(request, input_text)])[0]
 
     @traced("orchestrator.start_workflows")
     def start_workflows(
@@ -134,8 +133,7 @@ class WorkflowCoordinator:
         checked = [(r, self._check_request(r)) for r in requests]
         if not checked:
             return []
-        with self._engine.transaction(conn) as c:
-            return self._start_many(c, checked)
+        return self._start(conn, checked)
 
     def _check_request(self, request: StartWorkflowRequest) -> str:
         if not isinstance(request, StartWorkflowRequest):
@@ -146,35 +144,74 @@ class WorkflowCoordinator:
         as_version(request.version)
         return self._engine.encode(request.input, "workflow input")
 
-    def _start_many(
-        self, c: psycopg.Connection[Any], checked: list[tuple[StartWorkflowRequest, str]]
+    def _start(
+        self, conn: psycopg.Connection[Any] | None, checked: list[tuple[StartWorkflowRequest, str]]
     ) -> list[WorkflowInstance]:
-        """Start a batch with one statement; run_ids that exist (or repeat) return their instance."""
-        repos = self._engine.repos
-        definitions: dict[tuple[str, str, int | None], WorkflowDefinition | None] = {}
-        instances: list[dict[str, Any]] = []
-        tasks: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
-        for order, (request, input_text) in enumerate(checked):
-            key = (request.namespace, request.workflow_name, request.version)
-            if key not in definitions:
-                try:
-                    definitions[key] = self._resolve(c, *key)
-                except WorkflowNotFoundError:
-                    definitions[key] = None  # fine if the run_id exists already; checked below
-            definition = definitions[key]
-            if definition is not None:
-                self._plan_start(request, input_text, definition, order, instances, tasks, events)
+        """Run the start in the host's transaction, else as one autocommit statement when it can be."""
+        if conn is None:
+            # the start is one statement, atomic on its own (see Engine.single)
+            with self._engine.single() as c:
+                started = self._start_many(c, checked, in_transaction=False)
+            if started is not None:
+                return started
+        with self._engine.transaction(conn) as c:
+            started = self._start_many(c, checked, in_transaction=True)
+        assert started is not None
+        return started
+
+    def _start_many(
+        self,
+        c: psycopg.Connection[Any],
+        checked: list[tuple[StartWorkflowRequest, str]],
+        *,
+        in_transaction: bool,
+    ) -> list[WorkflowInstance] | None:
+        """Start a batch with one statement; run_ids that exist (or repeat) return their instance.
+
+        Outside a transaction, return None without writing anything if a workflow is unknown: only a
+        transaction keeps the batch all-or-nothing then, since the others' start would commit before
+        the unknown one's run_id is found missing.
+        """
+        channel = self._engine.channel if self._engine.config.notify else None
+        fresh = False
+        while True:
+            definitions = self._definitions_of(c, checked, fresh=fresh)
+            if not in_transaction and None in definitions.values():
+                return None
+            instances: list[dict[str, Any]] = []
+            tasks: list[dict[str, Any]] = []
+            events: list[dict[str, Any]] = []
+            for order, (request, input_text) in enumerate(checked):
+                definition = definitions[(request.namespace, request.workflow_name, request.version)]
+                if definition is not None:
+                    self._plan_start(request, input_text, definition, order, instances, tasks, events)
+            rows = self._engine.repos.instances.workflow_start_many(
+                c, instances, tasks, events, channel=channel
+            )
+            if not rows[0]["stale"]:
+                break
+            # another engine registered a newer version since this one cached the latest: nothing was
+            # written, so plan again on the latest versions read now (this repeats only while new
+            # versions keep committing between that read and the statement)
+            fresh = True
+        return self._instances_of(c, checked, rows)
+
+    def _instances_of(
+        self,
+        c: psycopg.Connection[Any],
+        checked: list[tuple[StartWorkflowRequest, str]],
+        rows: list[dict[str, Any]],
+    ) -> list[WorkflowInstance]:
+        """Return each request's instance: the one just started, else the one its run_id started before."""
         started = {
-            (r["namespace"], r["workflow_name"], r["run_id"]): r
-            for r in repos.instances.workflow_start_many(c, instances, tasks, events)
+            (r["namespace"], r["workflow_name"], r["run_id"]): r for r in rows if r["instance_id"] is not None
         }
         out = []
         for request, _ in checked:
             row = started.get((request.namespace, request.workflow_name, request.run_id))
             if row is None:
                 # started before (or by a concurrent caller, whose commit ON CONFLICT waited for)
-                row = repos.instances.workflow_get_by_run_id(
+                row = self._engine.repos.instances.workflow_get_by_run_id(
                     c, request.namespace, request.workflow_name, request.run_id
                 )
             if row is None:
@@ -183,9 +220,33 @@ class WorkflowCoordinator:
                     f"no workflow {request.namespace}/{request.workflow_name} {version}"
                 )
             out.append(instance_from_row(row))
-        for namespace in sorted({ns for ns, _, _ in started}):
-            self._engine.notify(c, namespace)
         return out
+
+    def _definitions_of(
+        self, c: psycopg.Connection[Any], checked: list[tuple[StartWorkflowRequest, str]], *, fresh: bool
+    ) -> dict[tuple[str, str, int | None], WorkflowDefinition | None]:
+        """Map each requested (namespace, name, version) to its definition, None if it is unknown.
+
+        The latest versions come from the engine's cache unless ``fresh``: workflow_start_many checks
+        that they still are the latest.
+        """
+        definitions: dict[tuple[str, str, int | None], WorkflowDefinition | None] = {}
+        for request, _ in checked:
+            key = (request.namespace, request.workflow_name, request.version)
+            if key in definitions:
+                continue
+            try:
+                if request.version is None:
+                    definitions[key] = self._engine.latest_definition(
+                        c, request.namespace, request.workflow_name, cached=not fresh
+                    )
+                else:
+                    definitions[key] = self._engine.definition(
+                        c, request.namespace, request.workflow_name, request.version
+                    )
+            except WorkflowNotFoundError:
+                definitions[key] = None  # fine if the run_id exists already; checked after the start
+        return definitions
 
     @staticmethod
     def _plan_start(
@@ -249,6 +310,7 @@ class WorkflowCoordinator:
                 "pending_tasks": len(definition.tasks),
                 "sequence_number": len(own),
                 "ord": order,
+                "latest": request.version is None,
             }
         )
 

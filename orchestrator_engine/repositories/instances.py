@@ -18,11 +18,14 @@ class InstanceRepository(Repository):
         instances: list[dict[str, Any]],
         tasks: list[dict[str, Any]],
         events: list[dict[str, Any]],
+        *,
+        channel: str | None,
     ) -> list[Row]:
         params = {
             "instances": json.dumps(instances, default=str),
             "tasks": json.dumps(tasks, default=str),
             "events": json.dumps(events, default=str),
+            "channel": channel,
         }
         return self._all(conn, "workflow_start_many", params)
 

@@ -59,10 +59,23 @@ SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS
 -- Start a batch in one statement: instances (ON CONFLICT skips run_ids that exist), then the tasks
 -- and the first events of only the instances this statement inserted. Each instance is born with the
 -- sequence number of its last event, so no second update is needed.
+-- A start without a version (latest) was planned on the caller's cached latest version. If another
+-- engine has registered a newer one since, the batch writes nothing and returns stale > 0, and the
+-- caller plans it again on the latest versions it reads now. The check runs in this statement's
+-- snapshot, so every start uses the version that was the latest when it was written.
+-- Unless channel is NULL, each namespace that got a new instance is announced on it (pg_notify,
+-- delivered at commit) to wake idle workers. Always returns a row: the started instances, or one row
+-- of NULLs that carries the counts.
 WITH requested AS (
     SELECT * FROM jsonb_to_recordset(%(instances)s::jsonb) AS r(
         instance_id uuid, namespace text, workflow_name text, workflow_version integer, run_id text,
-        input jsonb, pending_tasks integer, sequence_number bigint, ord integer)
+        input jsonb, pending_tasks integer, sequence_number bigint, ord integer, latest boolean)
+), stale AS (
+    SELECT 1
+    FROM requested q
+    WHERE q.latest AND q.workflow_version IS DISTINCT FROM (
+        SELECT max(d.version) FROM {schema}.workflow_definitions d
+        WHERE d.namespace = q.namespace AND d.name = q.workflow_name)
 ), started AS (
     INSERT INTO {schema}.workflow_instances
         (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
@@ -70,6 +83,7 @@ WITH requested AS (
     SELECT q.instance_id, q.namespace, q.workflow_name, q.workflow_version, q.run_id, 'RUNNING', q.input,
            q.sequence_number, q.pending_tasks
     FROM requested q
+    WHERE NOT EXISTS (SELECT FROM stale)
     ORDER BY q.ord
     ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
     RETURNING *
@@ -95,6 +109,11 @@ WITH requested AS (
         workflow_instance_id uuid, sequence_number bigint, event_type text, payload jsonb, idempotency_key text)
     WHERE r.workflow_instance_id IN (SELECT s.instance_id FROM started s)
     RETURNING 1
+), woken AS (
+    SELECT pg_notify(%(channel)s::text, n.namespace)
+    FROM (SELECT DISTINCT s.namespace FROM started s) AS n
+    WHERE %(channel)s::text IS NOT NULL
 )
-SELECT s.*, (SELECT count(*) FROM tasks) AS tasks_written, (SELECT count(*) FROM logged) AS events_written
-FROM started s
+SELECT s.*, (SELECT count(*) FROM tasks) AS tasks_written, (SELECT count(*) FROM logged) AS events_written,
+       (SELECT count(*) FROM woken) AS notified, (SELECT count(*) FROM stale) AS stale
+FROM (SELECT) AS one_row LEFT JOIN started s ON true
