@@ -44,11 +44,13 @@ WITH appended AS (
     RETURNING w.instance_id
 ), parked AS (
     UPDATE {schema}.task_executions e SET ready_at = NULL
-    WHERE e.workflow_instance_id = ANY(%(park)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NOT NULL
+    WHERE cardinality(%(park)s::uuid[]) > 0  -- one-time filter: no scan at all when nothing parks
+      AND e.workflow_instance_id = ANY(%(park)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NOT NULL
     RETURNING 1
 ), unparked AS (
     UPDATE {schema}.task_executions e SET ready_at = now()
-    WHERE e.workflow_instance_id = ANY(%(unpark)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NULL
+    WHERE cardinality(%(unpark)s::uuid[]) > 0
+      AND e.workflow_instance_id = ANY(%(unpark)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NULL
     RETURNING 1
 ), notified AS (
     SELECT pg_notify(%(channel)s, n.namespace) FROM unnest(%(notify)s::text[]) AS n(namespace)
