@@ -54,6 +54,7 @@ def test_defaults_match_the_java_service() -> None:
     assert config.lease_duration == timedelta(seconds=30)
     assert config.renewal_interval == timedelta(seconds=10)
     assert config.poll_interval == timedelta(seconds=1)
+    assert config.reclaim_interval == timedelta(seconds=1)
     assert config.max_payload_bytes == 1_048_576
     assert config.notify is True
 
@@ -62,7 +63,11 @@ def test_from_mapping_reads_the_java_yaml_shape() -> None:
     config = EngineConfig.from_mapping(
         {
             "orchestrator": {
-                "lease": {"default-duration": "45s", "renewal-interval": "15000ms"},
+                "lease": {
+                    "default-duration": "45s",
+                    "renewal-interval": "15000ms",
+                    "reclaim-interval": "250ms",
+                },
                 "datasource": {
                     "url": "jdbc:postgresql://db.example:5433/orchestrator?sslmode=disable",
                     "username": "orchestrator",
@@ -74,6 +79,7 @@ def test_from_mapping_reads_the_java_yaml_shape() -> None:
     )
     assert config.lease_duration == timedelta(seconds=45)
     assert config.renewal_interval == timedelta(seconds=15)
+    assert config.reclaim_interval == timedelta(milliseconds=250)
     assert config.schema == "orch_tenant"
     assert conninfo.conninfo_to_dict(config.dsn) == {
         "host": "db.example",
@@ -105,11 +111,13 @@ def test_from_env_reads_orchestrator_variables() -> None:
         "ORCHESTRATOR_DATASOURCE_PASSWORD": SECRET,
         "ORCHESTRATOR_LEASE_DEFAULT_DURATION": "1m",
         "ORCHESTRATOR_LEASE_RENEWAL_INTERVAL": "20s",
+        "ORCHESTRATOR_LEASE_RECLAIM_INTERVAL": "0",
         "ORCHESTRATOR_SCHEMA": "engine",
     }
     config = EngineConfig.from_env(environ)
     assert config.lease_duration == timedelta(minutes=1)
     assert config.renewal_interval == timedelta(seconds=20)
+    assert config.reclaim_interval == timedelta(0)
     assert config.schema == "engine"
     params = conninfo.conninfo_to_dict(config.dsn)
     assert (params["user"], params["password"], params["dbname"]) == ("orch", SECRET, "orchestrator")
@@ -128,6 +136,7 @@ def test_from_env_without_url_names_the_variable() -> None:
         ({"lease_duration": timedelta(0)}, "lease_duration must be a positive"),
         ({"renewal_interval": timedelta(seconds=-1)}, "renewal_interval must be a positive"),
         ({"poll_interval": timedelta(0)}, "poll_interval must be a positive"),
+        ({"reclaim_interval": timedelta(seconds=-1)}, "reclaim_interval must be a timedelta >= 0"),
         ({"renewal_interval": timedelta(seconds=30)}, "must be shorter than"),
         ({"schema": "Orchestrator"}, "schema"),
         ({"schema": "drop table x;--"}, "schema"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -608,6 +609,34 @@ def test_lease_lapses_count_against_max_attempts(
     assert wc.get_workflow(instance.instance_id).state is W.FAILED
     assert len(events_of(wc, instance.instance_id, EventType.TASK_STARTED)) == 2
     assert len(events_of(wc, instance.instance_id, EventType.TASK_LEASE_EXPIRED)) == 1
+
+
+def test_polls_look_for_lapsed_leases_once_per_reclaim_interval(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig
+) -> None:
+    # a 60 s lease caps the interval at 6 s: far longer than this test takes
+    config = replace(engine_config, lease_duration=timedelta(seconds=60), reclaim_interval=timedelta(hours=1))
+    tc = TaskCoordinator(pool, config)
+    register(wc, "single", [TaskDefinition("work")])
+    instance = start(wc, "single")
+    first, second = new_worker(), new_worker()
+    [held] = tc.poll_tasks(first)  # this poll looked for lapsed leases (none) and starts the interval
+    for table, column, key in (
+        ("task_executions", "lease_expires_at", "execution_id"),
+        ("execution_leases", "expires_at", "lease_key"),
+    ):
+        query(
+            pool,
+            engine_config,
+            f"UPDATE {{}}.{table} SET {column} = now() - interval '1 minute' WHERE {key} = %s RETURNING 1",
+            held.execution_id,
+        )
+
+    assert tc.poll_tasks(second) == [], "within the interval a poll does not look for lapsed leases"
+    assert tc.reclaim_expired_leases() == 1
+    [again] = tc.poll_tasks(second)
+    assert (again.execution_id, again.fence_token) == (held.execution_id, held.fence_token + 1)
+    assert wc.get_workflow(instance.instance_id).state is W.RUNNING
 
 
 def test_lapses_and_failures_draw_on_one_budget_of_attempts(
