@@ -38,6 +38,8 @@ BUSY_REPOLL = 0.02
 BUSY_WINDOW = 1.0
 #: how often a result is re-sent after a dropped connection before the lease is left to lapse
 RESULT_RETRIES = 8
+#: results waiting for their group commit may hold this many times ``concurrency`` leases in all
+PIPELINE_DEPTH = 2
 
 
 @dataclass
@@ -148,13 +150,16 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = threading.Event()
         self._wake = threading.Event()
+        #: leased executions whose outcome is not recorded yet (handler running or result queued)
         self._inflight: dict[UUID, TaskContext] = {}
+        #: handlers running now; a handler's slot frees when it returns, before its result commits
+        self._busy = 0
         self._inflight_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._shutdown_timeout = 30.0
         self._gauge: Any = None
-        self._completer = _GroupCompleter(self.tasks, self.worker_id)
+        self._completer = _GroupCompleter(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -166,6 +171,8 @@ class Worker:
         helpers = [
             threading.Thread(target=self._heartbeat_loop, name="orchestrator-heartbeat", daemon=True),
         ]
+        completer = threading.Thread(target=self._completer.run, name="orchestrator-completer", daemon=True)
+        completer.start()
         if self.config.notify:
             helpers.append(
                 threading.Thread(target=self._listen_loop, name="orchestrator-listener", daemon=True)
@@ -185,6 +192,8 @@ class Worker:
             self._stopping.set()
             self._drain(self._shutdown_timeout)
             executor.shutdown(wait=False, cancel_futures=True)
+            self._completer.close()
+            completer.join(timeout=5)
             self._done.set()  # releases the heartbeat thread at once
             telemetry.forget_queue_depth(self)
             for t in helpers:
@@ -218,8 +227,14 @@ class Worker:
 
     @property
     def running_count(self) -> int:
+        """Leased executions whose outcome is not recorded yet: running, or waiting for their commit."""
         with self._inflight_lock:
             return len(self._inflight)
+
+    def _free_slots(self) -> int:
+        """Handler slots free now, bounded so queued results never hold too many leases at once."""
+        with self._inflight_lock:
+            return min(self.concurrency - self._busy, PIPELINE_DEPTH * self.concurrency - len(self._inflight))
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -271,7 +286,7 @@ class Worker:
         types = sorted(self.handlers)
         interval = self.config.poll_interval.total_seconds()
         while not self._stopping.is_set():
-            free = self.concurrency - self.running_count
+            free = self._free_slots()
             if free <= 0:
                 self._wake.wait(interval)
                 self._wake.clear()
@@ -298,6 +313,7 @@ class Worker:
                 ctx = TaskContext(self, execution)
                 with self._inflight_lock:
                     self._inflight[execution.execution_id] = ctx
+                    self._busy += 1
                 self.stats.started += 1
                 telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
                 if execution.ready_at is not None and execution.started_at is not None:
@@ -333,6 +349,7 @@ class Worker:
 
     def _execute_in_span(self, ctx: TaskContext) -> None:
         execution = ctx.execution
+        queued = False
         try:
             handler = self.handlers[execution.task_type]
             try:
@@ -341,18 +358,32 @@ class Worker:
                 self._drop(ctx, "the fence was stale when completing in the handler's transaction")
                 return
             except Exception as exc:
-                self._report(ctx, ok=False, value=_error_of(exc))
+                self._report_failure(ctx, _error_of(exc))
                 return
             if ctx._completed_in_transaction:
                 self.stats.completed += 1
                 return
-            self._report(ctx, ok=True, value=result)
+            if ctx.lease_lost.is_set():
+                self._drop(ctx, "its lease was lost while the handler ran")
+                return
+            # the slot frees now; the completer thread records the result with others in one commit
+            self._completer.submit(ctx, result)
+            queued = True
         finally:
             with self._inflight_lock:
-                self._inflight.pop(execution.execution_id, None)
+                self._busy -= 1
+                if not queued:
+                    self._inflight.pop(execution.execution_id, None)
             self._wake.set()
 
-    def _report(self, ctx: TaskContext, *, ok: bool, value: Any) -> None:
+    def _finished(self, ctx: TaskContext) -> None:
+        """Forget an execution whose outcome is recorded (or dropped); its slot in the pipeline frees."""
+        with self._inflight_lock:
+            self._inflight.pop(ctx.execution.execution_id, None)
+        self._wake.set()
+
+    def _report_failure(self, ctx: TaskContext, error: Any) -> None:
+        """Record a failed attempt under the fence, resending after connection trouble."""
         execution = ctx.execution
         if ctx.lease_lost.is_set():
             self._drop(ctx, "its lease was lost while the handler ran")
@@ -360,22 +391,10 @@ class Worker:
         delay = 0.05
         for attempt in range(RESULT_RETRIES):
             try:
-                if ok:
-                    outcome = self._completer.complete(execution, value)
-                    if isinstance(outcome, PayloadError):
-                        ok, value = False, {"type": "PayloadError", "message": str(outcome)}
-                        continue
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                    self.stats.completed += 1
-                    telemetry.count("orchestrator.tasks.completed", 1, task_type=execution.task_type)
-                else:
-                    self.tasks.fail_task(execution.execution_id, self.worker_id, execution.fence_token, value)
-                    self.stats.failed += 1
-                    telemetry.count("orchestrator.tasks.failed", 1, task_type=execution.task_type)
-                log.debug(
-                    "execution %s reported (%s)", execution.execution_id, "completed" if ok else "failed"
-                )
+                self.tasks.fail_task(execution.execution_id, self.worker_id, execution.fence_token, error)
+                self.stats.failed += 1
+                telemetry.count("orchestrator.tasks.failed", 1, task_type=execution.task_type)
+                log.debug("execution %s reported (failed)", execution.execution_id)
                 return
             except FencingError:
                 self._drop(ctx, "the engine refused its fence token")
@@ -454,63 +473,98 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
 
 
-class _Pending:
-    __slots__ = ("done", "execution", "outcome", "value")
-
-    def __init__(self, execution: TaskExecution, value: Any) -> None:
-        self.execution = execution
-        self.value = value
-        self.done = threading.Event()
-        self.outcome: object = None
-
-
 class _GroupCompleter:
-    """Group commit for results: handler threads that finish together share one transaction.
+    """Group commit for results, on a thread of its own.
 
-    The first thread to arrive flushes everything pending (and whatever arrives meanwhile) with
-    ``complete_tasks``; the others wait for their own outcome. A lone result is flushed at once, so
-    batching adds no latency; under load one commit (one WAL flush) carries many completions.
+    Handler threads queue their results and return at once, so their slots take new work while the
+    results are being written. This thread takes everything queued (up to MAX_BATCH) and records it
+    with one ``complete_tasks`` batch, a few statements and one commit (one WAL flush) whatever its
+    size; a lone result is written at once, so batching adds no latency. Connection trouble resends
+    the batch (an accepted result repeated is a no-op); a refused fence drops that one result.
     """
 
     MAX_BATCH = 64
 
-    def __init__(self, tasks: TaskCoordinator, worker_id: UUID) -> None:
-        self._tasks = tasks
-        self._worker_id = worker_id
-        self._lock = threading.Lock()
-        self._pending: list[_Pending] = []
-        self._flushing = False
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._cond = threading.Condition()
+        self._queue: list[tuple[TaskContext, Any]] = []
+        self._closed = False
 
-    def complete(self, execution: TaskExecution, value: Any) -> object:
-        """Record one result with whatever else is pending; answer the error that refused it, if any."""
-        item = _Pending(execution, value)
-        with self._lock:
-            self._pending.append(item)
-            leader = not self._flushing
-            self._flushing = True
-        while leader:
-            with self._lock:
-                batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
-                if not batch:
-                    self._flushing = False
-                    break
-            self._flush(batch)
-        item.done.wait()
-        return item.outcome
+    def submit(self, ctx: TaskContext, value: Any) -> None:
+        with self._cond:
+            self._queue.append((ctx, value))
+            self._cond.notify()
 
-    def _flush(self, batch: list[_Pending]) -> None:
-        try:
-            results = self._tasks._complete_batch(
-                self._worker_id, [(i.execution.execution_id, i.execution.fence_token, i.value) for i in batch]
-            )
-            for i in batch:
-                i.outcome = results.get(i.execution.execution_id)
-        except Exception as exc:  # handed to every waiter, whose own retry loop decides
-            for i in batch:
-                i.outcome = exc
-        finally:
-            for i in batch:
-                i.done.set()
+    def close(self) -> None:
+        """Finish what is queued, then let ``run`` return."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue[: self.MAX_BATCH], self._queue[self.MAX_BATCH :]
+            try:
+                self._flush(batch)
+            except Exception:  # never let the thread die: each result is then left to lapse
+                log.exception("worker %s could not record %d results", self._worker.worker_id, len(batch))
+                for ctx, _ in batch:
+                    self._worker._finished(ctx)
+
+    def _flush(self, batch: list[tuple[TaskContext, Any]]) -> None:
+        worker = self._worker
+        live = []
+        for ctx, value in batch:
+            if ctx.lease_lost.is_set():
+                worker._drop(ctx, "its lease was lost while the handler ran")
+                worker._finished(ctx)
+            else:
+                live.append((ctx, value))
+        results = self._send(live)
+        for ctx, _ in live:
+            execution = ctx.execution
+            outcome = None if results is None else results.get(execution.execution_id)
+            if results is None:
+                worker._drop(ctx, "the database stayed unreachable; the lease will lapse")
+            elif isinstance(outcome, PayloadError):
+                worker._report_failure(ctx, {"type": "PayloadError", "message": str(outcome)})
+            elif isinstance(outcome, FencingError):
+                worker._drop(ctx, "the engine refused its fence token")
+            elif isinstance(outcome, OrchestratorError) or outcome is None:
+                worker._drop(ctx, f"the engine refused it ({outcome})")
+            else:
+                worker.stats.completed += 1
+                telemetry.count("orchestrator.tasks.completed", 1, task_type=execution.task_type)
+            worker._finished(ctx)
+
+    def _send(self, live: list[tuple[TaskContext, Any]]) -> dict[UUID, Any] | None:
+        """Record the batch, resending after connection trouble; None when the database stayed away."""
+        if not live:
+            return {}
+        worker = self._worker
+        items = [(ctx.execution.execution_id, ctx.execution.fence_token, value) for ctx, value in live]
+        delay = 0.05
+        for attempt in range(RESULT_RETRIES):
+            try:
+                return dict(worker.tasks._complete_batch(worker.worker_id, items))
+            except (psycopg.Error, OrchestratorError) as exc:
+                # an ambiguous commit is safe to resend: an accepted result repeated is a no-op
+                log.warning(
+                    "worker %s: recording %d results failed (%s), attempt %d",
+                    worker.worker_id,
+                    len(items),
+                    type(exc).__name__,
+                    attempt + 1,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return None
 
 
 def _error_of(exc: BaseException) -> dict[str, Any]:

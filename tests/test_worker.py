@@ -747,7 +747,13 @@ def test_with_block_starts_the_worker_and_stops_it_on_exit(
     lingering = [
         t
         for t in set(threading.enumerate()) - before
-        if t.name in ("orchestrator-worker", "orchestrator-heartbeat", "orchestrator-listener")
+        if t.name
+        in (
+            "orchestrator-worker",
+            "orchestrator-heartbeat",
+            "orchestrator-listener",
+            "orchestrator-completer",
+        )
     ]
     for t in lingering:
         t.join(SETTLE)
