@@ -9,7 +9,6 @@ caller that forgot the lock gets ConcurrencyConflictError instead of a lost upda
 from __future__ import annotations
 
 import json
-import uuid
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -18,6 +17,7 @@ import psycopg
 from ..definitions import WorkflowDefinition
 from ..errors import ConcurrencyConflictError, InvalidStateError
 from ..models import EventType, TaskKind, WorkflowState, can_transition_workflow
+from ._ids import new_id
 
 if TYPE_CHECKING:
     from ..repositories import Row
@@ -217,7 +217,7 @@ class InstanceUnit:
         new = self.repos.executions.task_insert_retry(
             self.conn,
             execution_id=row["execution_id"],
-            new_execution_id=uuid.uuid4(),
+            new_execution_id=new_id(),
             idempotency_key=execution_key(self.instance_id, row["kind"], row["task_id"], attempt),
             # a manual retry is always allowed one more try, whatever the policy says
             min_max_attempts=attempt + row["lapse_count"] if manual else 1,
@@ -329,7 +329,7 @@ class InstanceUnit:
             waits_for = sorted(self.definition.descendants(task_id) & by_task.keys())
             rows.append(
                 {
-                    "execution_id": str(uuid.uuid4()),
+                    "execution_id": str(new_id()),
                     "workflow_instance_id": str(self.instance_id),
                     "namespace": self.row["namespace"],
                     "task_id": task_id,

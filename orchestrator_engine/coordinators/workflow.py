@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,7 +32,7 @@ from ..models import (
 )
 from ..telemetry import traced
 from ._engine import Engine
-from ._ids import as_name, as_run_id, as_uuid, as_version
+from ._ids import as_name, as_run_id, as_uuid, as_version, new_id
 from ._unit import FORWARD, execution_key
 
 W = WorkflowState
@@ -258,7 +257,7 @@ class WorkflowCoordinator:
         tasks: list[dict[str, Any]],
         events: list[dict[str, Any]],
     ) -> None:
-        instance_id = uuid.uuid4()
+        instance_id = new_id()
         iid = str(instance_id)
         workflow_input = json.loads(input_text)
         own: list[tuple[str, dict[str, Any], str]] = [
@@ -269,7 +268,7 @@ class WorkflowCoordinator:
             )
         ]
         for t in definition.tasks:
-            execution_id = str(uuid.uuid4())
+            execution_id = str(new_id())
             tasks.append(
                 {
                     "execution_id": execution_id,
