@@ -58,6 +58,10 @@ class WorkerReport:
     cpu_s: float = 0.0
 
 
+#: connections in each worker process's pool
+POOL_SIZE = 6
+
+
 def run_workers(
     spec: WorkerSpec,
     processes: int,
@@ -133,8 +137,9 @@ def _worker_main(
         crashed.set()
 
     threading.excepthook = on_thread_crash
-    # every handler thread may hold a connection, plus the poll loop and the heartbeat
-    size = spec.concurrency + 2
+    # the handlers use no connection: the poll loop, the completer, the heartbeat and failure reports
+    # do; a handler that wrote through ctx.transaction() would need one per thread
+    size = POOL_SIZE
     with create_pool(config, min_size=size, max_size=size) as pool:
 
         def new_worker() -> Worker:

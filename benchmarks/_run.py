@@ -15,7 +15,7 @@ from pathlib import Path
 
 from orchestrator_engine import EngineConfig, create_pool
 
-from . import _history, _latency, _shapes, _throughput
+from . import _fleet, _history, _latency, _shapes, _throughput
 from ._env import (
     cpu_sample,
     describe_contention,
@@ -107,6 +107,8 @@ class Run:
     dsn: str
     size: Size
     concurrency: int
+    #: handler threads per process for the wide rows: more slots, so bigger batches per statement
+    wide: int
     processes: int
     rows: list[Row] = field(default_factory=list)
     method: list[str] = field(default_factory=list)
@@ -130,6 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write RESULTS.md")
     parser.add_argument("--concurrency", type=int, default=16, help="handler threads per worker process")
+    parser.add_argument(
+        "--wide", type=int, default=128, help="handler threads per process for the drain and chain wide rows"
+    )
     parser.add_argument("--processes", type=int, default=2, help="worker processes for chain and fan")
     parser.add_argument(
         "--only",
@@ -167,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {machine.cpus} x {machine.cpu_model}, {machine.memory_gib:.1f} GiB")
         print(f"server: {description}, version {settings['server_version']}")
         print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "server_version"))
-        run = Run(dsn=dsn, size=SIZES[args.size], concurrency=args.concurrency, processes=args.processes)
+        run = Run(
+            dsn=dsn,
+            size=SIZES[args.size],
+            concurrency=args.concurrency,
+            wide=args.wide,
+            processes=args.processes,
+        )
         try:
             failed = _run_workloads(run, args.only)
         finally:
@@ -281,23 +292,31 @@ def run_start(run: Run, only: list[str]) -> None:
         f"`start_workflows` in calls of {size.start_batch}. No version given, as a caller would."
     )
     if "drain" in only:
-        _drain_row(run, one, 1)
-        _drain_row(run, batched, 2)
+        _drain_row(run, one, 1, run.concurrency)
+        _drain_row(run, batched, 2, run.concurrency)
+        for processes in (1, 2):
+            wide = run.schema(f"drain_wide_{processes}")
+            with create_pool(wide, min_size=1, max_size=2) as pool:
+                _shapes.start_in_batches(pool, wide, definition, size.starts)
+            _drain_row(run, wide, processes, run.wide)
         run.method.append(
             f"**drain**: the one-at-a-time set drained by 1 worker process, the batched set by 2; each "
             f"process runs `Worker(concurrency={run.concurrency})` with handler `lambda ctx: None` on a pool "
-            f"of {run.concurrency + 2} connections, all released together once their pools are open. "
-            "Rate = completed tasks / (max `workflow_instances.updated_at` - min "
-            "`task_executions.started_at`), both read from the database."
+            f"of {_fleet.POOL_SIZE} connections (the handlers use none), all released together once their "
+            "pools are open. Rate = completed tasks / (max `workflow_instances.updated_at` - min "
+            "`task_executions.started_at`), both read from the database. The *wide* rows drain "
+            f"{size.starts:,} more (started untimed) with `concurrency={run.wide}`: a worker polls as many "
+            "tasks as it has free handler slots, so more slots make bigger batches per statement and commit."
         )
 
 
-def _drain_row(run: Run, config: EngineConfig, processes: int) -> None:
-    result = _throughput.drain(config, processes, run.concurrency)
+def _drain_row(run: Run, config: EngineConfig, processes: int, concurrency: int) -> None:
+    result = _throughput.drain(config, processes, concurrency)
+    wide = " (wide)" if concurrency == run.wide else ""
     run.rows.append(
         Row(
             f"drain {result.tasks:,} single-task",
-            f"{processes} process{'es' if processes > 1 else ''} x {run.concurrency} threads",
+            f"{processes} process{'es' if processes > 1 else ''} x {concurrency} threads{wide}",
             rate(result.tasks_per_s, "tasks/s"),
             times_baseline(result.tasks_per_s, run.baseline),
             *_with_note(at_least(result.tasks_per_s, TARGETS.drain_tasks_s, "tasks/s"), _crash_note(result)),
@@ -311,36 +330,39 @@ def _with_note(cells: tuple[str, str], note: str) -> tuple[str, str]:
 
 
 def run_chain(run: Run, only: list[str]) -> None:
-    config = run.schema("chain")
     definition = _shapes.chain()
-    with create_pool(config, min_size=1, max_size=2) as pool:
-        _shapes.start_in_batches(pool, config, definition, run.size.chains)
-    result = _throughput.drain(config, run.processes, run.concurrency)
-    label = f"chain {result.workflows:,} x 3 sequential"
-    measure = f"{run.processes} processes x {run.concurrency} threads"
-    run.rows.append(
-        Row(
-            label,
-            measure,
-            rate(result.workflows_per_s, "workflows/s"),
-            times_baseline(result.workflows_per_s, run.baseline),
-            *_with_note(
-                at_least(result.workflows_per_s, TARGETS.chain_workflows_s, "workflows/s"),
-                _crash_note(result),
-            ),
+    for concurrency in (run.concurrency, run.wide):
+        config = run.schema("chain" if concurrency == run.concurrency else "chain_wide")
+        with create_pool(config, min_size=1, max_size=2) as pool:
+            _shapes.start_in_batches(pool, config, definition, run.size.chains)
+        result = _throughput.drain(config, run.processes, concurrency)
+        label = f"chain {result.workflows:,} x 3 sequential"
+        wide = " (wide)" if concurrency == run.wide else ""
+        measure = f"{run.processes} processes x {concurrency} threads{wide}"
+        run.rows.append(
+            Row(
+                label,
+                measure,
+                rate(result.workflows_per_s, "workflows/s"),
+                times_baseline(result.workflows_per_s, run.baseline),
+                *_with_note(
+                    at_least(result.workflows_per_s, TARGETS.chain_workflows_s, "workflows/s"),
+                    _crash_note(result),
+                ),
+            )
         )
-    )
-    run.rows.append(
-        Row(
-            label,
-            measure,
-            rate(result.tasks_per_s, "tasks/s"),
-            times_baseline(result.tasks_per_s, run.baseline),
+        run.rows.append(
+            Row(
+                label,
+                measure,
+                rate(result.tasks_per_s, "tasks/s"),
+                times_baseline(result.tasks_per_s, run.baseline),
+            )
         )
-    )
     run.method.append(
         f"**chain**: {run.size.chains:,} workflows a → b → c started untimed (`start_workflows`), then "
-        f"drained by {run.processes} worker processes; same timing as the drain."
+        f"drained by {run.processes} worker processes; same timing as the drain; again with the wide "
+        "concurrency."
     )
 
 

@@ -483,7 +483,7 @@ class _GroupCompleter:
     the batch (an accepted result repeated is a no-op); a refused fence drops that one result.
     """
 
-    MAX_BATCH = 64
+    MAX_BATCH = 256
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
