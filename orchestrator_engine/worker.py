@@ -23,6 +23,7 @@ from . import telemetry
 from .config import EngineConfig
 from .coordinators import TaskCoordinator
 from .coordinators._engine import Engine, notify_channel
+from .coordinators._ids import as_name
 from .errors import FencingError, LeaseLostError, OrchestratorError, PayloadError
 from .models import TaskExecution
 
@@ -283,7 +284,9 @@ class Worker:
     def _poll_loop(self, executor: ThreadPoolExecutor) -> None:
         backoff = 0.05
         last_work = float("-inf")
-        types = sorted(self.handlers)
+        types = [as_name(t, "task_type") for t in sorted(self.handlers)]
+        if self.namespace is not None:
+            as_name(self.namespace, "namespace")
         interval = self.config.poll_interval.total_seconds()
         while not self._stopping.is_set():
             free = self._free_slots()
@@ -293,9 +296,7 @@ class Worker:
                 continue
             self._wake.clear()
             try:
-                leased = self.tasks.poll_tasks(
-                    self.worker_id, namespace=self.namespace, task_types=types, limit=free
-                )
+                leased = self.tasks._lease_ready(self.worker_id, self.namespace, types, min(free, 1000))
                 backoff = 0.05
             except (psycopg.Error, OrchestratorError) as exc:
                 # connection trouble or an engine refusal: a worker keeps polling, with backoff
@@ -323,6 +324,10 @@ class Worker:
                         "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
                     )
                 executor.submit(self._execute, ctx)
+            try:
+                self.tasks._reclaim_if_due()  # after the hand-off: never between ready and handler start
+            except (psycopg.Error, OrchestratorError) as exc:
+                log.warning("worker %s lease reclaim failed (%s)", self.worker_id, type(exc).__name__)
             now = time.monotonic()
             if leased:
                 last_work = now

@@ -101,7 +101,6 @@ class TaskCoordinator:
             unit.flush()
         return None if granted is None else execution_from_row(granted)
 
-    @traced("orchestrator.poll_tasks")
     def poll_tasks(
         self,
         worker_id: UUID | str,
@@ -119,12 +118,14 @@ class TaskCoordinator:
         if namespace is not None:
             as_name(namespace, "namespace")
         types = None if task_types is None else [as_name(t, "task_type") for t in task_types]
-        if self._reclaim_due():
-            # recovery needs no daemon: polls reclaim a few lapsed leases (SKIP LOCKED) now and then
-            with self._engine.transaction() as c:
-                reclaimed = self._reclaim(c, RECLAIM_PER_CALL)
-            if reclaimed == RECLAIM_PER_CALL:
-                self._next_reclaim = 0.0  # more may be waiting: look again on the next poll
+        self._reclaim_if_due()
+        return self._lease_ready(wid, namespace, types, limit)
+
+    @traced("orchestrator.poll_tasks")
+    def _lease_ready(
+        self, wid: UUID, namespace: str | None, types: list[str] | None, limit: int
+    ) -> list[TaskExecution]:
+        """Lease up to ``limit`` ready executions in one autocommit statement (arguments checked)."""
         with self._engine.single() as c:
             rows = self._engine.repos.executions.task_poll_and_lease(
                 c,
@@ -137,6 +138,15 @@ class TaskCoordinator:
         if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
             raise AssertionError("poll lost an instance sequence update")  # pragma: no cover - invariant
         return [execution_from_row(r) for r in rows]
+
+    def _reclaim_if_due(self) -> None:
+        """Reclaim a few lapsed leases (SKIP LOCKED) if ``reclaim_interval`` has passed since the last look.
+
+        Recovery needs no daemon: polls call this. The Worker calls it after handing its leased tasks
+        to their handlers, so the scan is never between a task becoming ready and its handler starting.
+        """
+        if self._reclaim_due() and self.reclaim_expired_leases(limit=RECLAIM_PER_CALL) == RECLAIM_PER_CALL:
+            self._next_reclaim = 0.0  # more may be waiting: look again on the next poll
 
     def _reclaim_due(self) -> bool:
         """Tell whether this poll should look for lapsed leases; most polls skip the scan."""
