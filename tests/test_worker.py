@@ -654,6 +654,42 @@ def test_handler_returning_a_non_json_value_fails_the_attempt_with_a_payload_err
     assert (worker.stats.failed, worker.stats.completed, worker.stats.dropped) == (1, 1, 0)
 
 
+def test_a_handler_slot_frees_while_its_result_waits_for_the_commit(
+    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator, dsn: str
+) -> None:
+    """With one slot, the next task runs while the first result's commit is blocked on a row lock."""
+    workflows.register_workflow(_single("pair", "pair"))
+    first, second = _start(workflows, "pair", 2)
+    leased: dict[int, threading.Event] = {0: threading.Event(), 1: threading.Event()}
+    proceed = threading.Event()
+
+    def handler(ctx: TaskContext) -> dict[str, int]:
+        i = ctx.input["workflow"]["i"]
+        leased[i].set()
+        if i == 0:
+            proceed.wait(SETTLE)  # returns once the test holds this instance's row lock
+        return {"i": i}
+
+    with (
+        psycopg.connect(dsn) as blocker,
+        Worker(pool, {"pair": handler}, config=engine_config, concurrency=1),
+    ):
+        assert leased[0].wait(SETTLE), "the first task never started"
+        blocker.execute(
+            sql.SQL("SELECT 1 FROM {}.workflow_instances WHERE instance_id = %s FOR UPDATE").format(
+                sql.Identifier(engine_config.schema)
+            ),
+            (first.instance_id,),
+        )
+        proceed.set()
+        # the first result now waits for the lock; the only slot must take the second task anyway
+        assert leased[1].wait(SETTLE), "the second task waited for the first result's commit"
+        assert workflows.get_workflow(first.instance_id).state is WorkflowState.RUNNING
+        blocker.rollback()
+        assert _wait_until_finished(workflows, first.instance_id) is WorkflowState.COMPLETED
+        assert _wait_until_finished(workflows, second.instance_id) is WorkflowState.COMPLETED
+
+
 # -- wake-up ------------------------------------------------------------------------------------------
 
 
