@@ -215,6 +215,19 @@ def drop_schema(dsn: str, schema: str) -> None:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
+def checkpoint(dsn: str) -> bool:
+    """Write a checkpoint now, so the previous workloads' dirty pages are not flushed during the next.
+
+    Returns False when the role may not (CHECKPOINT needs a superuser or pg_checkpoint).
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        try:
+            conn.execute("CHECKPOINT")
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+    return True
+
+
 def vacuum_analyze(dsn: str, schema: str) -> None:
     """VACUUM ANALYZE the engine's tables in ``schema`` (statistics and visibility map both current)."""
     with psycopg.connect(dsn, autocommit=True) as conn:

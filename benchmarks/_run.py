@@ -17,6 +17,7 @@ from orchestrator_engine import EngineConfig, create_pool
 
 from . import _fleet, _history, _latency, _shapes, _throughput
 from ._env import (
+    checkpoint,
     cpu_sample,
     describe_contention,
     describe_machine,
@@ -394,7 +395,10 @@ def run_latency(run: Run, only: list[str]) -> None:
         ("LISTEN/NOTIFY", run.schema("latency_notify", notify=True)),
         ("poll only, 100 ms", run.schema("latency_poll", notify=False, poll_interval=poll)),
     )
+    checkpointed = True
     for path, config in paths:
+        # the drains before this wrote hundreds of MB of WAL: flush their pages now, not mid-measurement
+        checkpointed = checkpoint(run.dsn) and checkpointed
         result = _latency.measure(config, run.size.latency)
         label = f"latency {result.samples}, {path}"
         # the target is for the NOTIFY path; the poll-only path shows what polling alone costs
@@ -414,7 +418,13 @@ def run_latency(run: Run, only: list[str]) -> None:
         "single-task workflows started one at a time 10-30 ms apart, after 20 unmeasured ones. `ready_at` "
         "is `now()` of the starting transaction, so ready → handler includes that transaction's own "
         "statements and commit; *commit returned → handler* starts the clock when `start_workflow` "
-        "returns. Handler start is `time.time()` inside the handler; server and worker share the clock."
+        "returns. Handler start is `time.time()` inside the handler; server and worker share the clock. "
+        + (
+            "A `CHECKPOINT` runs before each path, so the earlier workloads' dirty pages are not "
+            "written during it."
+            if checkpointed
+            else "The role may not run `CHECKPOINT`, so the earlier workloads' checkpoint may fall in it."
+        )
     )
 
 
