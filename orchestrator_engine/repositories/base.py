@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import dict_row
 
 from .._errors_map import translate
@@ -12,6 +13,7 @@ from ..errors import PayloadError
 from ..sql import queries
 
 Row = dict[str, Any]
+TUPLES_OK = pq.ExecStatus.TUPLES_OK
 
 
 class Repository:
@@ -24,7 +26,9 @@ class Repository:
         try:
             with conn.cursor(row_factory=dict_row) as cur:
                 cur.execute(self._q[name], params)
-                return cur.fetchall() if cur.description else []
+                # the result's status, not cur.description: that builds a Column object per column
+                result = cur.pgresult
+                return cur.fetchall() if result is not None and result.status == TUPLES_OK else []
         except psycopg.Error as exc:
             raise translate(exc) from exc
         except UnicodeEncodeError as exc:
