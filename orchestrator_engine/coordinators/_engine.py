@@ -136,8 +136,3 @@ class Engine:
         """Return the unit of work for an instance row this transaction has locked."""
         definition = self.definition(conn, row["namespace"], row["workflow_name"], row["workflow_version"])
         return InstanceUnit(self, conn, row, definition)
-
-    def notify(self, conn: psycopg.Connection[Any], namespace: str) -> None:
-        """Wake idle workers when this transaction commits; polling remains the backstop."""
-        if self.config.notify:
-            self.repos.events.event_notify_ready(conn, self.channel, namespace)

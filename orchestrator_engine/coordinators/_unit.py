@@ -159,19 +159,13 @@ class InstanceUnit:
 
     # -- task outcomes ---------------------------------------------------------------------------
 
-    def task_completed(self, row: Row) -> None:
-        """Record an accepted completion and advance the DAG (or the compensation order).
-
-        The statement that accepted it already deleted the execution's lease row.
-        """
-        self.record_completion(row)
-        if self.releases_dependents(row):
-            done = [(self.instance_id, row["task_id"], row["kind"])]
-            self.scheduled_events(self.repos.executions.task_release_dependents(self.conn, done))
-        self.count_completion(row)
+    # An accepted completion (the statement that accepted it already deleted the lease row) is
+    # recorded in three steps, so a batch of them releases every dependent in one statement:
+    # record_completion, then task_release_dependents for those that releases_dependents, then
+    # count_completion (TaskCoordinator._finish_in).
 
     def record_completion(self, row: Row) -> None:
-        """Emit the completion event; releasing dependents and counting follow (``task_completed``)."""
+        """Emit the completion event."""
         self.emit(
             _event_name(row["kind"], "COMPLETED"),
             self._task_payload(row),

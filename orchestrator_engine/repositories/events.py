@@ -13,6 +13,3 @@ from .base import Repository, Row
 class EventRepository(Repository):
     def event_list_for_instance(self, conn: psycopg.Connection[Any], instance_id: UUID) -> list[Row]:
         return self._all(conn, "event_list_for_instance", {"instance_id": instance_id})
-
-    def event_notify_ready(self, conn: psycopg.Connection[Any], channel: str, payload: str) -> None:
-        self._run(conn, "event_notify_ready", {"channel": channel, "payload": payload})
