@@ -10,11 +10,10 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 
-from .models import EVENT_TARGET_STATE, EventType, WorkflowState, can_transition_workflow
+from .models import DISPATCHABLE, EVENT_TARGET_STATE, EventType, WorkflowState, can_transition_workflow
 from .sql import queries
 
 _STARTS = ("TASK_STARTED", "COMPENSATION_TASK_STARTED")
-_DISPATCHABLE = (WorkflowState.RUNNING, WorkflowState.COMPENSATING)
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def _replay(rows: Any, states: dict[UUID, WorkflowState], report: CheckReport, f
             finish(current, state)
             current, state = iid, None
         if name in _STARTS:
-            if state not in _DISPATCHABLE:
+            if state not in DISPATCHABLE:
                 flag(
                     "no-dispatch-when-not-running",
                     iid,

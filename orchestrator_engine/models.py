@@ -50,6 +50,8 @@ class TaskKind(str, enum.Enum):
 
 
 _TERMINAL_WORKFLOW = frozenset({WorkflowState.COMPLETED, WorkflowState.CANCELLED, WorkflowState.COMPENSATED})
+#: states in which a workflow's READY executions may be leased (task_poll_and_lease says the same in SQL)
+DISPATCHABLE = frozenset({WorkflowState.RUNNING, WorkflowState.COMPENSATING})
 
 W = WorkflowState
 T = TaskState

@@ -16,7 +16,7 @@ import psycopg
 
 from ..definitions import WorkflowDefinition
 from ..errors import ConcurrencyConflictError, InvalidStateError
-from ..models import EventType, TaskKind, WorkflowState, can_transition_workflow
+from ..models import DISPATCHABLE, EventType, TaskKind, WorkflowState, can_transition_workflow
 from ._ids import new_id
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 W = WorkflowState
 FORWARD = TaskKind.FORWARD.value
-#: states in which an instance's ready executions may be leased
-RUNNABLE = (W.RUNNING, W.COMPENSATING)
 #: states that keep executions READY but not leasable: their ready_at is NULL (parked) until the
 #: instance runs again, so the poll's index only ever yields executions of runnable instances
 PARKING = (W.PAUSED, W.FAILED)
@@ -362,7 +360,7 @@ def flush_units(engine: Engine, conn: psycopg.Connection[Any], units: list[Insta
         events.extend(u.events)
         if u.state in PARKING:
             park.append(u.instance_id)
-        elif u.state in RUNNABLE:
+        elif u.state in DISPATCHABLE:
             if W(u.row["state"]) in PARKING:
                 unpark.append(u.instance_id)
             if u.scheduled:

@@ -15,7 +15,7 @@ from psycopg_pool import ConnectionPool
 from .. import telemetry
 from ..config import EngineConfig
 from ..errors import FencingError, InvalidStateError, OrchestratorError, PayloadError, TaskNotFoundError
-from ..models import EventType, TaskExecution, WorkflowState, execution_from_row
+from ..models import DISPATCHABLE, EventType, TaskExecution, WorkflowState, execution_from_row
 from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_name, as_uuid
@@ -74,7 +74,7 @@ class TaskCoordinator:
             if row is None:
                 return None
             unit = self._engine.lock(c, row["workflow_instance_id"])
-            if unit.state not in (W.RUNNING, W.COMPENSATING):
+            if unit.state not in DISPATCHABLE:
                 return None
             row = repos.executions.task_get(c, eid)
             assert row is not None
