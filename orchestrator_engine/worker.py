@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -30,6 +30,7 @@ from .models import TaskExecution
 log = logging.getLogger("orchestrator_engine.worker")
 
 Handler = Callable[["TaskContext"], Any]
+R = TypeVar("R")
 
 #: how much of an error's message and traceback is stored with a failed attempt
 MAX_ERROR_MESSAGE = 2_000
@@ -393,28 +394,40 @@ class Worker:
         if ctx.lease_lost.is_set():
             self._drop(ctx, "its lease was lost while the handler ran")
             return
+        try:
+            sent = self._resending(
+                f"execution {execution.execution_id}: reporting",
+                lambda: self.tasks.fail_task(
+                    execution.execution_id, self.worker_id, execution.fence_token, error
+                ),
+            )
+        except FencingError:
+            self._drop(ctx, "the engine refused its fence token")
+            return
+        if sent is None:
+            self._drop(ctx, "the database stayed unreachable; the lease will lapse")
+            return
+        self.stats.failed += 1
+        telemetry.count("orchestrator.tasks.failed", 1, task_type=execution.task_type)
+        log.debug("execution %s reported (failed)", execution.execution_id)
+
+    def _resending(self, what: str, send: Callable[[], R]) -> R | None:
+        """Return ``send()``, calling it again after connection trouble; None once all tries failed.
+
+        An ambiguous commit is safe to resend: an accepted result repeated is a no-op. A FencingError
+        is an answer, not trouble: it propagates at once.
+        """
         delay = 0.05
         for attempt in range(RESULT_RETRIES):
             try:
-                self.tasks.fail_task(execution.execution_id, self.worker_id, execution.fence_token, error)
-                self.stats.failed += 1
-                telemetry.count("orchestrator.tasks.failed", 1, task_type=execution.task_type)
-                log.debug("execution %s reported (failed)", execution.execution_id)
-                return
+                return send()
             except FencingError:
-                self._drop(ctx, "the engine refused its fence token")
-                return
+                raise
             except (psycopg.Error, OrchestratorError) as exc:
-                # an ambiguous commit is safe to resend: an accepted result repeated is a no-op
-                log.warning(
-                    "execution %s: reporting failed (%s), attempt %d",
-                    execution.execution_id,
-                    type(exc).__name__,
-                    attempt + 1,
-                )
+                log.warning("%s failed (%s), attempt %d", what, type(exc).__name__, attempt + 1)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        self._drop(ctx, "the database stayed unreachable; the lease will lapse")
+        return None
 
     def _drop(self, ctx: TaskContext, why: str) -> None:
         self.stats.dropped += 1
@@ -554,22 +567,10 @@ class _GroupCompleter:
             return {}
         worker = self._worker
         items = [(ctx.execution.execution_id, ctx.execution.fence_token, value) for ctx, value in live]
-        delay = 0.05
-        for attempt in range(RESULT_RETRIES):
-            try:
-                return dict(worker.tasks._complete_batch(worker.worker_id, items))
-            except (psycopg.Error, OrchestratorError) as exc:
-                # an ambiguous commit is safe to resend: an accepted result repeated is a no-op
-                log.warning(
-                    "worker %s: recording %d results failed (%s), attempt %d",
-                    worker.worker_id,
-                    len(items),
-                    type(exc).__name__,
-                    attempt + 1,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        return None
+        return worker._resending(
+            f"worker {worker.worker_id}: recording {len(items)} results",
+            lambda: dict(worker.tasks._complete_batch(worker.worker_id, items)),
+        )
 
 
 def _error_of(exc: BaseException) -> dict[str, Any]:
