@@ -37,6 +37,7 @@ from orchestrator_engine import (
     StartWorkflowRequest,
     TaskCoordinator,
     TaskDefinition,
+    TaskExecution,
     TaskState,
     WorkflowCoordinator,
     WorkflowDefinition,
@@ -224,6 +225,14 @@ def _starved(pool: Pool) -> Iterator[None]:
     finally:
         for conn in held:
             pool.putconn(conn)
+
+
+def _steal_lease(worker_pool: Pool, thief: TaskCoordinator, thief_id: UUID, task_type: str) -> TaskExecution:
+    """Starve the worker's pool until its lease lapses, then lease the task to ``thief_id``."""
+    with _starved(worker_pool):
+        _wait_for("the lease to lapse", lambda: thief.reclaim_expired_leases() == 1)
+        (stolen,) = thief.poll_tasks(thief_id, task_types=[task_type])
+    return stolen
 
 
 # -- worker processes ---------------------------------------------------------------------------------
@@ -461,9 +470,7 @@ def test_handler_whose_lease_is_taken_over_sees_lease_lost_and_its_result_is_dro
     ):
         try:
             assert started.wait(SETTLE)
-            with _starved(worker_pool):
-                _wait_for("the lease to lapse", lambda: thief.reclaim_expired_leases() == 1)
-                (stolen,) = thief.poll_tasks(thief_id, task_types=["contested"])
+            stolen = _steal_lease(worker_pool, thief, thief_id, "contested")
             # the stalled renewal now reaches the database and finds the lease gone
             _wait_for("the stale result to be dropped", lambda: worker.stats.dropped == 1)
         finally:
@@ -559,9 +566,7 @@ def test_effect_of_a_handler_whose_fence_went_stale_is_rolled_back_with_its_resu
     ):
         try:
             assert started.wait(SETTLE)
-            with _starved(worker_pool):
-                _wait_for("the lease to lapse", lambda: thief.reclaim_expired_leases() == 1)
-                (stolen,) = thief.poll_tasks(thief_id, task_types=["pay"])
+            stolen = _steal_lease(worker_pool, thief, thief_id, "pay")
         finally:
             proceed.set()
         _wait_for("the stale completion to be dropped", lambda: worker.stats.dropped == 1)
