@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from orchestrator_engine import (
     PayloadError,
     TaskCoordinator,
     TaskDefinition,
+    TaskExecution,
     TaskState,
     WorkflowCoordinator,
     WorkflowState,
@@ -192,8 +194,15 @@ def test_input_size_is_measured_in_utf8_bytes_of_its_json(
         assert wc.find_workflow(NAMESPACE, "single", "sized") is None
 
 
-def test_output_over_the_limit_is_refused_and_the_task_stays_running(
+@pytest.mark.parametrize(
+    ("report", "accepted"),
+    [(complete, TaskState.COMPLETED), (fail, TaskState.FAILED)],
+    ids=["output", "error"],
+)
+def test_result_over_the_limit_is_refused_and_the_task_stays_running(
     small: tuple[WorkflowCoordinator, TaskCoordinator],
+    report: Callable[[TaskCoordinator, TaskExecution, str], TaskExecution],
+    accepted: TaskState,
 ) -> None:
     wc, tc = small
     register(wc, "single", [TaskDefinition("work")])
@@ -201,19 +210,6 @@ def test_output_over_the_limit_is_refused_and_the_task_stays_running(
     held = poll_one(tc, new_worker())
     before = snapshot(wc, instance.instance_id)
     with pytest.raises(PayloadError, match="over the limit"):
-        complete(tc, held, "y" * LIMIT)
+        report(tc, held, "y" * LIMIT)
     assert snapshot(wc, instance.instance_id) == before
-    assert complete(tc, held, "short").state is TaskState.COMPLETED
-
-
-def test_error_over_the_limit_is_refused_and_the_task_stays_running(
-    small: tuple[WorkflowCoordinator, TaskCoordinator],
-) -> None:
-    wc, tc = small
-    register(wc, "single", [TaskDefinition("work")])
-    instance = start(wc, "single")
-    held = poll_one(tc, new_worker())
-    before = snapshot(wc, instance.instance_id)
-    with pytest.raises(PayloadError, match="over the limit"):
-        fail(tc, held, "z" * LIMIT)
-    assert snapshot(wc, instance.instance_id) == before
+    assert report(tc, held, "short").state is accepted
