@@ -88,11 +88,7 @@ class Engine:
         row = self.repos.definitions.definition_get(conn, namespace, name, version)
         if row is None:
             raise WorkflowNotFoundError(f"no workflow {namespace}/{name} version {version}")
-        definition = WorkflowDefinition.from_json(row["definition"])
-        if not getattr(self._local, "host_depth", 0):
-            with self._lock:
-                self._definitions[key] = definition
-        return definition
+        return self._remember(row, latest=False)
 
     def latest_definition(
         self, conn: psycopg.Connection[Any], namespace: str, name: str, *, cached: bool
@@ -103,21 +99,26 @@ class Engine:
         cached answer is only safe in a statement that checks it is still the latest (as
         ``workflow_start_many`` does); ``cached=False`` always asks the database.
         """
-        key = (namespace, name)
-        version = self._latest.get(key) if cached else None
+        version = self._latest.get((namespace, name)) if cached else None
         if version is not None:
             return self.definition(conn, namespace, name, version)
         row = self.repos.definitions.definition_get_latest(conn, namespace, name)
         if row is None:
             raise WorkflowNotFoundError(f"no workflow {namespace}/{name} is registered")
-        version = int(row["version"])
-        definition = self._definitions.get((namespace, name, version))
-        if definition is None:
-            definition = WorkflowDefinition.from_json(row["definition"])
+        return self._remember(row, latest=True)
+
+    def _remember(self, row: dict[str, Any], *, latest: bool) -> WorkflowDefinition:
+        """Return the definition of a stored row, cached (and, if ``latest``, noted as the latest).
+
+        Inside the caller's transaction nothing is cached: the row could still roll back.
+        """
+        key = (row["namespace"], row["name"], int(row["version"]))
+        definition = self._definitions.get(key) or WorkflowDefinition.from_json(row["definition"])
         if not getattr(self._local, "host_depth", 0):
             with self._lock:
-                self._definitions[(namespace, name, version)] = definition
-                self._latest[key] = version
+                self._definitions[key] = definition
+                if latest:
+                    self._latest[key[:2]] = key[2]
         return definition
 
     def forget_latest(self, namespace: str, name: str) -> None:
