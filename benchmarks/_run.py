@@ -268,46 +268,58 @@ def run_baseline(run: Run, only: list[str]) -> None:
 
 def run_start(run: Run, only: list[str]) -> None:
     size, definition = run.size, _shapes.single()
-    one = run.schema("start_single")
-    with create_pool(one, min_size=1, max_size=2) as pool:
-        single_rate = _throughput.start_one_at_a_time(pool, one, definition, size.starts)
-    batched = run.schema("start_batched")
-    with create_pool(batched, min_size=1, max_size=2) as pool:
-        batched_rate = _throughput.start_batched(pool, batched, definition, size.starts, size.start_batch)
-    for measure, value, target in (
-        ("start_workflow, one call each", single_rate, TARGETS.start_single_s),
-        (f"start_workflows, {size.start_batch} per call", batched_rate, TARGETS.start_batched_s),
-    ):
+    # (schema, batch, caller threads): each call style once from one thread, whose rate is bounded by
+    # one commit (WAL flush) per call, and once from concurrent callers, as a service starts workflows:
+    # one call each from as many threads as the baseline has connections, batches from one caller
+    # per worker process (a batch keeps a client and a server process busy; more callers only queue)
+    runs = (
+        ("start_single", 1, 1),
+        ("start_single_many", 1, run.concurrency),
+        ("start_batched", size.start_batch, 1),
+        ("start_batched_many", size.start_batch, run.processes),
+    )
+    schemas: dict[str, EngineConfig] = {}
+    for name, batch, threads in runs:
+        config = schemas[name] = run.schema(name)
+        with create_pool(config, min_size=threads, max_size=threads) as pool:
+            value = _throughput.start_rate(
+                pool, config, definition, size.starts, batch=batch, threads=threads
+            )
+        call = "start_workflow, one call each" if batch == 1 else f"start_workflows, {batch} per call"
+        callers = "1 thread" if threads == 1 else f"{threads} threads"
+        target = TARGETS.start_single_s if batch == 1 else TARGETS.start_batched_s
         run.rows.append(
             Row(
                 f"start {size.starts:,} single-task",
-                measure,
+                f"{call}, {callers}",
                 rate(value, "workflows/s"),
                 times_baseline(value, run.baseline),
                 *at_least(value, target, "/s"),
             )
         )
     run.method.append(
-        f"**start**: {size.starts:,} single-task workflows started from one thread with one "
-        f"`start_workflow` call (one transaction) each; then {size.starts:,} more through "
-        f"`start_workflows` in calls of {size.start_batch}. No version given, as a caller would."
+        f"**start**: {size.starts:,} single-task workflows started with one `start_workflow` call (one "
+        f"transaction) each, first from one thread, whose rate is bounded by one commit (WAL flush) per "
+        f"call, then {size.starts:,} more from {run.concurrency} threads (the baseline's connection count), "
+        f"as a service's request threads would; then {size.starts:,} through `start_workflows` in calls of "
+        f"{size.start_batch} from one thread, and {size.starts:,} more from {run.processes} threads (one "
+        "caller per worker process of the drains). No version given, as a caller would. Each set runs in "
+        "a schema of its own."
     )
     if "drain" in only:
-        _drain_row(run, one, 1, run.concurrency)
-        _drain_row(run, batched, 2, run.concurrency)
-        for processes in (1, 2):
-            wide = run.schema(f"drain_wide_{processes}")
-            with create_pool(wide, min_size=1, max_size=2) as pool:
-                _shapes.start_in_batches(pool, wide, definition, size.starts)
-            _drain_row(run, wide, processes, run.wide)
+        _drain_row(run, schemas["start_single"], 1, run.concurrency)
+        _drain_row(run, schemas["start_batched"], 2, run.concurrency)
+        _drain_row(run, schemas["start_single_many"], 1, run.wide)
+        _drain_row(run, schemas["start_batched_many"], 2, run.wide)
         run.method.append(
-            f"**drain**: the one-at-a-time set drained by 1 worker process, the batched set by 2; each "
-            f"process runs `Worker(concurrency={run.concurrency})` with handler `lambda ctx: None` on a pool "
-            f"of {_fleet.POOL_SIZE} connections (the handlers use none), all released together once their "
-            "pools are open. Rate = completed tasks / (max `workflow_instances.updated_at` - min "
-            "`task_executions.started_at`), both read from the database. The *wide* rows drain "
-            f"{size.starts:,} more (started untimed) with `concurrency={run.wide}`: a worker polls as many "
-            "tasks as it has free handler slots, so more slots make bigger batches per statement and commit."
+            f"**drain**: each set the start left is drained: the two started from one thread by "
+            f"`Worker(concurrency={run.concurrency})` in 1 and then 2 processes, the two started "
+            f"concurrently by the *wide* workers, `concurrency={run.wide}`, in 1 and then 2 processes "
+            "(a worker polls as many tasks as it has free handler slots, so more slots make bigger batches "
+            "per statement and commit). The handler is `lambda ctx: None`; each process has a pool of "
+            f"{_fleet.POOL_SIZE} connections (the handlers use none), and all are released together once "
+            "their pools are open. Rate = completed tasks / (max `workflow_instances.updated_at` - min "
+            "`task_executions.started_at`), both read from the database."
         )
 
 

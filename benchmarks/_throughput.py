@@ -58,30 +58,50 @@ def commit_ceiling(dsn: str, schema: str, connections: int, seconds: float) -> f
     return sum(counts) / elapsed
 
 
-def start_one_at_a_time(
-    pool: ConnectionPool[Any], config: EngineConfig, definition: WorkflowDefinition, count: int
+def start_rate(
+    pool: ConnectionPool[Any],
+    config: EngineConfig,
+    definition: WorkflowDefinition,
+    count: int,
+    *,
+    batch: int,
+    threads: int,
 ) -> float:
-    """Start ``count`` runs with one ``start_workflow`` call (one transaction) each; return runs/s."""
+    """Start ``count`` runs from ``threads`` threads and return runs/s.
+
+    ``batch`` 1 means one ``start_workflow`` call (one transaction) per run, else ``start_workflows``
+    calls of ``batch`` runs. Each thread takes every ``threads``-th request, and all start together.
+    """
     workflows = WorkflowCoordinator(pool, config)
     workflows.register_workflow(definition)
     todo = requests(definition, count)
-    t0 = time.perf_counter()
-    for request in todo:
-        workflows.start_workflow(request)
-    return count / (time.perf_counter() - t0)
+    shares = [todo[i::threads] for i in range(threads)]
+    go = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
 
+    def start(share: list[Any]) -> None:
+        go.wait()
+        try:
+            if batch == 1:
+                for request in share:
+                    workflows.start_workflow(request)
+            else:
+                for i in range(0, len(share), batch):
+                    workflows.start_workflows(share[i : i + batch])
+        except BaseException as exc:  # reported below: a failed start is a broken run, not a slow one
+            errors.append(exc)
 
-def start_batched(
-    pool: ConnectionPool[Any], config: EngineConfig, definition: WorkflowDefinition, count: int, batch: int
-) -> float:
-    """Start ``count`` runs through ``start_workflows`` in calls of ``batch``; return runs/s."""
-    workflows = WorkflowCoordinator(pool, config)
-    workflows.register_workflow(definition)
-    todo = requests(definition, count)
+    workers = [threading.Thread(target=start, args=(share,)) for share in shares]
+    for t in workers:
+        t.start()
+    go.wait()
     t0 = time.perf_counter()
-    for i in range(0, count, batch):
-        workflows.start_workflows(todo[i : i + batch])
-    return count / (time.perf_counter() - t0)
+    for t in workers:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return count / elapsed
 
 
 @dataclass(frozen=True)
