@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -229,6 +230,8 @@ def _as_bool(value: object) -> bool:
 
 
 def _check_and_sweep(conn: psycopg.Connection[Any]) -> None:
+    if _quiet(conn):
+        return
     try:
         ConnectionPool.check_connection(conn)
     except Exception:
@@ -236,6 +239,28 @@ def _check_and_sweep(conn: psycopg.Connection[Any]) -> None:
         if pool is not None:
             pool.check()  # drop every dead idle connection now, so the retry gets a live one
         raise
+
+
+def _quiet(conn: psycopg.Connection[Any]) -> bool:
+    """Return True when an idle connection's socket has nothing to read: alive, as far as a check can tell.
+
+    A server that ends a session (shutdown, restart, pg_terminate_backend, a crash of the backend)
+    sends an error message or at least closes the socket, which makes it readable; so does a
+    notification. A quiet socket skips the round trip of the full check, which would find no more:
+    a server that vanished without a word answers neither.
+    """
+    if conn.closed or conn.broken:
+        return False
+    try:
+        fd = conn.pgconn.socket
+        if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return not poller.poll(0)
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError, psycopg.OperationalError):
+        return False
+    return not readable
 
 
 #: pools by the id of each connection they opened, so a failed check can sweep its own pool
@@ -248,8 +273,10 @@ def create_pool(
     """Open a psycopg pool for the engine, waiting until min_size connections are ready.
 
     Connections are autocommit (coordinators open their own transactions) and are checked on
-    checkout, so connections killed by a server restart are replaced instead of handed out. When one
-    check fails, every idle connection is checked at once: psycopg_pool would otherwise discover the
+    checkout, so connections killed by a server restart are replaced instead of handed out. The check
+    looks at the socket first and only asks the server (a round trip) when something arrived on it:
+    a server that ends a session says so or closes the socket. When one check fails, every idle
+    connection is checked at once: psycopg_pool would otherwise discover the
     dead ones one checkout at a time, sleeping 1, 2, 4, 8, 16 s in between.
     """
     connect_kwargs: dict[str, Any] = {"autocommit": True}

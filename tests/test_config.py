@@ -205,6 +205,35 @@ def test_pool_hands_out_autocommit_connections_named_for_the_engine(
     assert pool.max_size == 20
 
 
+def _backend_query(dsn: str, pid: int) -> str:
+    with psycopg.connect(dsn, autocommit=True) as other:
+        row = other.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_pool_checkout_of_a_quiet_connection_sends_nothing(engine_config: EngineConfig) -> None:
+    with create_pool(engine_config, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            pid = conn.execute("SELECT pg_backend_pid() AS marker_query").fetchone()[0]  # type: ignore[index]
+        with pool.connection() as conn:
+            # a round-trip check would have run an empty query on that backend by now
+            assert "marker_query" in _backend_query(engine_config.dsn, pid)
+            assert conn.info.backend_pid == pid
+
+
+def test_pool_replaces_a_connection_the_server_terminated_while_idle(engine_config: EngineConfig) -> None:
+    with create_pool(engine_config, min_size=2, max_size=2) as pool:
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(engine_config.dsn, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        for _ in range(4):  # every pooled connection checked out in turn: none is the dead one
+            with pool.connection() as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+                assert conn.info.backend_pid != pid
+
+
 def test_create_pool_fails_fast_on_an_unreachable_server() -> None:
     config = EngineConfig(dsn="postgresql://orch:hunter2@127.0.0.1:1/db?connect_timeout=1")
     with pytest.raises(PoolTimeout):
