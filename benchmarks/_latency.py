@@ -7,10 +7,15 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import psycopg
+from psycopg import sql
+
 from orchestrator_engine import EngineConfig, WorkflowCoordinator, create_pool
 
+from ._env import drop_schema
 from ._fleet import HandlerStart, WorkerSpec, run_workers
 from ._shapes import requests, single
+from ._sql import bench_queries
 from ._throughput import wait_until_finished
 
 #: workflows run before measuring, so every pooled connection has prepared its statements
@@ -84,3 +89,27 @@ def summarise(starts: list[HandlerStart], committed: dict[int, float]) -> Latenc
         commit_to_handler=Percentiles.of([s.wall - committed[s.index] for s in starts]),
         samples=len(starts),
     )
+
+
+def commit_floor(dsn: str, schema: str, count: int, gap_s: float = 0.02) -> Percentiles:
+    """Time ``count`` one-row autocommit UPDATEs on one idle connection, ``gap_s`` (jittered) apart.
+
+    The floor under ready -> handler start: that path holds two such commits in series (the start's
+    and the poll's), each a round trip to a server woken from idle plus one WAL flush.
+    """
+    drop_schema(dsn, schema)
+    q = bench_queries(schema)
+    rng = random.Random(8)
+    samples: list[float] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(q["baseline_create"])
+        conn.execute(q["baseline_fill"], {"rows": 1})
+        for i in range(WARMUP + count):
+            t0 = time.perf_counter()
+            conn.execute(q["baseline_bump"], {"id": 0}).fetchone()
+            if i >= WARMUP:
+                samples.append(time.perf_counter() - t0)
+            time.sleep(gap_s * rng.uniform(0.5, 1.5))
+    drop_schema(dsn, schema)
+    return Percentiles.of(samples)

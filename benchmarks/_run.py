@@ -425,12 +425,27 @@ def run_latency(run: Run, only: list[str]) -> None:
         if path == "LISTEN/NOTIFY":
             run.rows.append(Row(label, "ready_at → started_at (DB)", latency_cells(result.ready_to_lease)))
             run.rows.append(Row(label, "commit returned → handler", latency_cells(result.commit_to_handler)))
+    floor = _latency.commit_floor(run.dsn, "bench_latency_floor", run.size.latency)
+    run.rows.append(
+        Row(
+            f"latency {run.size.latency}, floor",
+            "one-row UPDATE commit, idle connection",
+            latency_cells(floor),
+            "",
+            "",
+            "ready → handler holds two of these in series",
+        )
+    )
     run.method.append(
         f"**latency**: one idle worker process (concurrency {_latency.CONCURRENCY}); {run.size.latency} "
         "single-task workflows started one at a time 10-30 ms apart, after 20 unmeasured ones. `ready_at` "
         "is `now()` of the starting transaction, so ready → handler includes that transaction's own "
         "statements and commit; *commit returned → handler* starts the clock when `start_workflow` "
         "returns. Handler start is `time.time()` inside the handler; server and worker share the clock. "
+        f"The *floor* row times {run.size.latency} autocommit `UPDATE bench SET n = n + 1 WHERE id = $1 "
+        "RETURNING n` on one connection at the same pace: a round trip to a server woken from idle plus "
+        "one WAL flush, the cost of each of the two commits (the start's, the poll's) on the way from "
+        "ready to handler. "
         + (
             "A `CHECKPOINT` runs before each path, so the earlier workloads' dirty pages are not "
             "written during it."
