@@ -45,29 +45,32 @@ SELECT * FROM {schema}.task_executions
 WHERE workflow_instance_id = %(instance_id)s AND kind = 'FORWARD' AND state = 'COMPLETED'
 
 -- name: task_lease_if_acquirable
--- Grant one execution; the fence comes from execution_leases, so every grant of an execution gets a
--- token greater than all earlier ones, even across lease rows being rewritten.
+-- Grant one execution. Its fence is one more than the execution's last (the row is locked while it
+-- is raised, so every grant's token is greater than all earlier ones); the lease row in
+-- execution_leases records the same token and never goes down.
 WITH picked AS (
-    SELECT e.execution_id, e.workflow_instance_id, e.timeout
+    SELECT e.execution_id
     FROM {schema}.task_executions e
     WHERE e.execution_id = %(execution_id)s AND e.state = 'READY' AND e.ready_at <= now()
     FOR NO KEY UPDATE
+), granted AS (
+    UPDATE {schema}.task_executions e
+    SET state = 'RUNNING', lease_holder = %(worker_id)s,
+        lease_expires_at = now() + LEAST(%(lease)s::interval, COALESCE(e.timeout, %(lease)s::interval)),
+        fence_token = e.fence_token + 1, started_at = now(), deadline_at = now() + e.timeout
+    FROM picked p
+    WHERE e.execution_id = p.execution_id
+    RETURNING e.*
 ), lease AS (
     INSERT INTO {schema}.execution_leases AS l (lease_key, workflow_instance_id, holder_id, expires_at, fence_token)
-    SELECT p.execution_id, p.workflow_instance_id, %(worker_id)s,
-           now() + LEAST(%(lease)s::interval, COALESCE(p.timeout, %(lease)s::interval)), 1
-    FROM picked p
+    SELECT g.execution_id, g.workflow_instance_id, g.lease_holder, g.lease_expires_at, g.fence_token
+    FROM granted g
     ON CONFLICT (lease_key) DO UPDATE
-        SET holder_id = EXCLUDED.holder_id, expires_at = EXCLUDED.expires_at, fence_token = l.fence_token + 1
-    RETURNING l.lease_key, l.fence_token, l.expires_at
+        SET holder_id = EXCLUDED.holder_id, expires_at = EXCLUDED.expires_at,
+            fence_token = GREATEST(l.fence_token + 1, EXCLUDED.fence_token)
+    RETURNING 1
 )
-UPDATE {schema}.task_executions e
-SET state = 'RUNNING', lease_holder = %(worker_id)s, lease_expires_at = lease.expires_at,
-    fence_token = lease.fence_token, started_at = now(),
-    deadline_at = now() + e.timeout
-FROM lease
-WHERE e.execution_id = lease.lease_key
-RETURNING e.*
+SELECT g.*, (SELECT count(*) FROM lease) AS leases_written FROM granted g
 
 -- name: task_poll_and_lease
 -- Pick the oldest ready executions, lease them, write one TASK_STARTED event each and advance each
@@ -78,6 +81,9 @@ RETURNING e.*
 -- A poller never waits: it locks executions, then their instance rows, with SKIP LOCKED, so it cannot
 -- be part of a cycle of waits and never queues behind a busy instance (a worker that comes back short
 -- re-polls soon). Row locking re-reads the newest committed instance row, so seq0 is current.
+-- Every other row is reached by primary key, whatever the table sizes and statistics: the instances
+-- through LATERAL (one probe each), the updated rows through `= ANY(ARRAY(...))` conditions; a join
+-- the planner may cost against a whole table would scan it when it is small, batch after batch.
 WITH candidates AS MATERIALIZED (
     SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at
     FROM {schema}.task_executions e
@@ -90,39 +96,46 @@ WITH candidates AS MATERIALIZED (
 ), picked AS MATERIALIZED (
     SELECT c.execution_id, c.workflow_instance_id, c.timeout, c.ready_at, w.sequence_number AS seq0
     FROM candidates c
-    JOIN {schema}.workflow_instances w ON w.instance_id = c.workflow_instance_id
-    WHERE w.state IN ('RUNNING', 'COMPENSATING')
-    FOR NO KEY UPDATE OF w SKIP LOCKED
-), numbered AS (
+    CROSS JOIN LATERAL (
+        SELECT w.sequence_number
+        FROM {schema}.workflow_instances w
+        WHERE w.instance_id = c.workflow_instance_id AND w.state IN ('RUNNING', 'COMPENSATING')
+        FOR NO KEY UPDATE SKIP LOCKED
+    ) w
+), numbered AS MATERIALIZED (
     SELECT p.*,
            row_number() OVER (PARTITION BY p.workflow_instance_id ORDER BY p.ready_at, p.execution_id) AS rn,
            count(*) OVER (PARTITION BY p.workflow_instance_id) AS cnt
     FROM picked p
+), granted AS (
+    -- the grant's fence is one more than the execution's last: every grant of an execution updates
+    -- this row while holding its lock, so the tokens strictly increase; the lease row gets the same
+    -- token below. The event's sequence number comes back too, so no CTE is joined again downstream.
+    UPDATE {schema}.task_executions e
+    SET state = 'RUNNING', lease_holder = %(worker_id)s,
+        lease_expires_at = now() + LEAST(%(lease)s::interval, COALESCE(e.timeout, %(lease)s::interval)),
+        fence_token = e.fence_token + 1, started_at = now(), deadline_at = now() + e.timeout
+    FROM numbered n
+    WHERE e.execution_id = n.execution_id
+    RETURNING e.*, n.seq0 + n.rn AS event_sequence
 ), lease AS (
     INSERT INTO {schema}.execution_leases AS l (lease_key, workflow_instance_id, holder_id, expires_at, fence_token)
-    SELECT n.execution_id, n.workflow_instance_id, %(worker_id)s,
-           now() + LEAST(%(lease)s::interval, COALESCE(n.timeout, %(lease)s::interval)), 1
-    FROM numbered n
+    SELECT g.execution_id, g.workflow_instance_id, g.lease_holder, g.lease_expires_at, g.fence_token
+    FROM granted g
     ON CONFLICT (lease_key) DO UPDATE
-        SET holder_id = EXCLUDED.holder_id, expires_at = EXCLUDED.expires_at, fence_token = l.fence_token + 1
-    RETURNING l.lease_key, l.fence_token, l.expires_at
-), granted AS (
-    UPDATE {schema}.task_executions e
-    SET state = 'RUNNING', lease_holder = %(worker_id)s, lease_expires_at = lease.expires_at,
-        fence_token = lease.fence_token, started_at = now(), deadline_at = now() + e.timeout
-    FROM lease
-    WHERE e.execution_id = lease.lease_key
-    RETURNING e.*
+        SET holder_id = EXCLUDED.holder_id, expires_at = EXCLUDED.expires_at,
+            fence_token = GREATEST(l.fence_token + 1, EXCLUDED.fence_token)
+    RETURNING 1
 ), started AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), g.workflow_instance_id, n.seq0 + n.rn,
+    SELECT gen_random_uuid(), g.workflow_instance_id, g.event_sequence,
            CASE g.kind WHEN 'FORWARD' THEN 'TASK_STARTED' ELSE 'COMPENSATION_TASK_STARTED' END,
            jsonb_build_object('execution_id', g.execution_id, 'task_id', g.task_id, 'kind', g.kind,
                               'attempt', g.attempt_number, 'worker_id', g.lease_holder,
                               'fence_token', g.fence_token),
            g.workflow_instance_id::text || ':started:' || g.execution_id::text || ':' || g.fence_token::text
-    FROM granted g JOIN numbered n ON n.execution_id = g.execution_id
+    FROM granted g
     RETURNING 1
 ), bumped AS (
     UPDATE {schema}.workflow_instances w
@@ -131,12 +144,14 @@ WITH candidates AS MATERIALIZED (
     -- no sequence guard here: seq0 was read from the row this statement holds locked, while the
     -- UPDATE would compare against the statement's older snapshot
     WHERE w.instance_id = s.workflow_instance_id
+      AND w.instance_id = ANY(ARRAY(SELECT n2.workflow_instance_id FROM numbered n2))
     RETURNING 1
 )
 SELECT g.*,
        (SELECT count(*) FROM bumped) AS bumped_instances,
        (SELECT count(DISTINCT workflow_instance_id) FROM numbered) AS picked_instances,
-       (SELECT count(*) FROM started) AS started_events
+       (SELECT count(*) FROM started) AS started_events,
+       (SELECT count(*) FROM lease) AS leases_written
 FROM granted g
 ORDER BY g.ready_at
 -- name: task_select_lapsed
@@ -173,42 +188,59 @@ SELECT * FROM finished
 -- or FAILED (with error), accepted only under its fence token; lease rows go in the same statement.
 -- Lock order, the one every writer keeps: the instances first, in instance order (the one-time filter
 -- on `held` takes them all before any execution), then the executions in (instance, execution) order,
--- as lease renewal takes them. The instance rows come back as w_* columns.
+-- as lease renewal takes them. Each lock is taken by a LATERAL primary-key probe driven by the sorted
+-- `batch`, so the nested loop takes the locks in that order, and no plan, whatever the table sizes
+-- and statistics, scans a whole table. Each row carries its instance (w_* columns) from the lock on.
 WITH req AS (
     SELECT r.execution_id, r.fence_token, r.state, r.output::jsonb AS output, r.error::jsonb AS error
     FROM unnest(%(execution_ids)s::uuid[], %(fence_tokens)s::numeric[], %(states)s::text[],
                 %(outputs)s::text[], %(errors)s::text[]) AS r(execution_id, fence_token, state, output, error)
+), batch AS MATERIALIZED (
+    SELECT x.execution_id, x.workflow_instance_id, q.fence_token, q.state, q.output, q.error
+    FROM {schema}.task_executions x
+    JOIN req q ON q.execution_id = x.execution_id
+    WHERE x.execution_id = ANY(%(execution_ids)s::uuid[])
+    ORDER BY x.workflow_instance_id, x.execution_id
 ), locked AS MATERIALIZED (
-    SELECT w.instance_id, w.namespace, w.workflow_name, w.workflow_version, w.state, w.sequence_number,
-           w.pending_tasks, w.pending_compensations
-    FROM {schema}.workflow_instances w
-    WHERE w.instance_id IN (SELECT x.workflow_instance_id FROM {schema}.task_executions x
-                            WHERE x.execution_id = ANY(%(execution_ids)s::uuid[]))
-    ORDER BY w.instance_id
-    FOR NO KEY UPDATE
+    SELECT b.execution_id, b.fence_token, b.state, b.output, b.error,
+           w.namespace AS w_namespace, w.workflow_name AS w_workflow_name,
+           w.workflow_version AS w_workflow_version, w.state AS w_state,
+           w.sequence_number AS w_sequence_number, w.pending_tasks AS w_pending_tasks,
+           w.pending_compensations AS w_pending_compensations
+    FROM batch b
+    CROSS JOIN LATERAL (
+        SELECT w.namespace, w.workflow_name, w.workflow_version, w.state, w.sequence_number,
+               w.pending_tasks, w.pending_compensations
+        FROM {schema}.workflow_instances w
+        WHERE w.instance_id = b.workflow_instance_id
+        FOR NO KEY UPDATE
+    ) w
 ), held AS MATERIALIZED (
-    SELECT e.execution_id, q.state, q.output, q.error
-    FROM {schema}.task_executions e
-    JOIN req q ON q.execution_id = e.execution_id
+    SELECT k.*
+    FROM locked k
+    CROSS JOIN LATERAL (
+        -- the primary key is the probe's only condition, so no other index can be chosen for it
+        SELECT e.state, e.lease_holder, e.fence_token
+        FROM {schema}.task_executions e
+        WHERE e.execution_id = k.execution_id
+        FOR NO KEY UPDATE
+    ) e
     WHERE (SELECT count(*) FROM locked) >= 0
-      AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s AND e.fence_token = q.fence_token
-    ORDER BY e.workflow_instance_id, e.execution_id
-    FOR NO KEY UPDATE OF e
+      AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s AND e.fence_token = k.fence_token
 ), finished AS (
     UPDATE {schema}.task_executions e
     SET state = h.state, output = h.output, error = h.error, finished_at = now()
     FROM held h
     WHERE e.execution_id = h.execution_id
     RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.kind, e.state, e.attempt_number,
-              e.lapse_count, e.max_attempts, e.fence_token, e.error
+              e.lapse_count, e.max_attempts, e.fence_token, e.error, h.w_namespace, h.w_workflow_name,
+              h.w_workflow_version, h.w_state, h.w_sequence_number, h.w_pending_tasks,
+              h.w_pending_compensations
 ), released AS (
     DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
 )
-SELECT f.*, l.namespace AS w_namespace, l.workflow_name AS w_workflow_name,
-       l.workflow_version AS w_workflow_version, l.state AS w_state, l.sequence_number AS w_sequence_number,
-       l.pending_tasks AS w_pending_tasks, l.pending_compensations AS w_pending_compensations
-FROM finished f JOIN locked l ON l.instance_id = f.workflow_instance_id
-ORDER BY f.workflow_instance_id, f.execution_id
+SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
+
 -- name: task_renew_many_if_held
 -- A lapsed lease is not renewable (the worker must drop its result), nor is one past its task's
 -- timeout: the attempt is then treated as failed.
@@ -244,11 +276,16 @@ WITH done AS (
     SELECT d.instance_id, d.task_id, d.kind
     FROM unnest(%(instance_ids)s::uuid[], %(task_ids)s::text[], %(kinds)s::text[]) AS d(instance_id, task_id, kind)
 ), hits AS (
+    -- LATERAL: probes of the instance index per completed task, never a scan of the whole table
     SELECT e.execution_id, count(*)::integer AS n
     FROM done d
-    JOIN {schema}.task_executions e
-      ON e.workflow_instance_id = d.instance_id AND e.kind = d.kind AND d.task_id = ANY(e.depends_on)
-    WHERE e.state = 'PENDING'
+    CROSS JOIN LATERAL (
+        SELECT x.execution_id
+        FROM {schema}.task_executions x
+        WHERE x.workflow_instance_id = d.instance_id AND x.kind = d.kind AND d.task_id = ANY(x.depends_on)
+          AND x.state = 'PENDING'
+        OFFSET 0  -- keeps the planner from flattening the probes into a join over the whole table
+    ) e
     GROUP BY e.execution_id
 )
 UPDATE {schema}.task_executions e
@@ -264,7 +301,7 @@ SET deps_remaining = e.deps_remaining - h.n,
                                AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on)))
         ELSE e.input END
 FROM hits h
-WHERE e.execution_id = h.execution_id
+WHERE e.execution_id = h.execution_id AND e.workflow_instance_id = ANY(%(instance_ids)s::uuid[])
 RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.kind, e.state, e.attempt_number, e.lapse_count
 -- name: task_cancel_open
 UPDATE {schema}.task_executions

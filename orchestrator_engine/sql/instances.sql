@@ -40,6 +40,9 @@ WITH appended AS (
         AS r(instance_id uuid, expected bigint, new_sequence bigint, state text, pending_tasks integer,
              pending_compensations integer, collect_output boolean)
     WHERE w.instance_id = r.instance_id AND w.sequence_number = r.expected
+      -- by primary key whatever the table size and statistics (jsonb_to_recordset is costed at 100 rows)
+      AND w.instance_id = ANY(ARRAY(SELECT i.instance_id FROM jsonb_to_recordset(%(instances)s::jsonb)
+                                                         AS i(instance_id uuid)))
       AND (SELECT count(*) FROM appended) = %(event_count)s
     RETURNING w.instance_id
 ), parked AS (
