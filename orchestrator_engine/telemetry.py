@@ -1,7 +1,10 @@
-"""Optional OpenTelemetry spans and metrics; free when the ``otel`` extra is not installed.
+"""Optional OpenTelemetry spans and metrics; free unless the host has set a tracer or meter provider.
 
 Nothing here imports opentelemetry until the first span or metric is asked for, and then only if it
-is installed. Without an SDK configured by the host, the API hands out no-op tracers and meters.
+is installed. Until the host sets a provider (an SDK's, through the API's ``set_*_provider`` or the
+``OTEL_PYTHON_*_PROVIDER`` variables) the API would hand out no-op tracers and meters; the engine
+then skips building spans and attributes altogether, a cost a worker would otherwise pay per task.
+It asks again on every call, so a provider set later is used from then on.
 """
 
 from __future__ import annotations
@@ -19,23 +22,45 @@ SCOPE = "orchestrator_engine"
 _lock = threading.Lock()
 _loaded = False
 _trace: Any = None
+_metrics: Any = None
 _instruments: dict[str, Any] = {}
 
 
 def _otel() -> Any:
     """Return the opentelemetry.trace module, or None when the extra is not installed."""
-    global _loaded, _trace
+    global _loaded, _trace, _metrics
     if not _loaded:
         with _lock:
             if not _loaded:
                 module: Any
+                meters: Any
                 try:
+                    from opentelemetry import metrics as meters
                     from opentelemetry import trace as module
                 except ImportError:
-                    module = None
-                _trace = module
+                    module = meters = None
+                _trace, _metrics = module, meters
                 _loaded = True
     return _trace
+
+
+def _tracing() -> Any:
+    """Return opentelemetry.trace when spans are recorded: installed, and a tracer provider is set."""
+    trace = _otel()
+    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None  # the API's stand-in until a provider is set: every span would be a no-op
+    return trace
+
+
+def _metering() -> Any:
+    """Return opentelemetry.metrics when measurements are recorded: installed, and a meter provider is set."""
+    if _otel() is None or _metrics is None:
+        return None
+    # the API's stand-in until a provider is set (a private class: should its name change, the engine
+    # only goes back to handing its measurements to the no-op stand-in)
+    if type(_metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider":
+        return None
+    return _metrics
 
 
 def enabled() -> bool:
@@ -45,8 +70,8 @@ def enabled() -> bool:
 
 @contextmanager
 def span(name: str, **attributes: Any) -> Iterator[Any]:
-    """Open a span named ``name`` when OpenTelemetry is installed; otherwise do nothing."""
-    trace = _otel()
+    """Open a span named ``name`` when spans are recorded (see ``_tracing``); otherwise do nothing."""
+    trace = _tracing()
     if trace is None:
         with nullcontext() as nothing:
             yield nothing
@@ -63,7 +88,7 @@ def traced(name: str) -> Callable[[F], F]:
     def wrap(func: F) -> F:
         @functools.wraps(func)
         def inner(*args: Any, **kwargs: Any) -> Any:
-            if _otel() is None:
+            if _tracing() is None:
                 return func(*args, **kwargs)
             with span(name):
                 return func(*args, **kwargs)
@@ -74,13 +99,12 @@ def traced(name: str) -> Callable[[F], F]:
 
 
 def _instrument(kind: str, name: str, unit: str, description: str) -> Any:
-    if _otel() is None:
+    metrics = _metering()
+    if metrics is None:
         return None
     key = f"{kind}:{name}"
     found = _instruments.get(key)
     if found is None:
-        from opentelemetry import metrics
-
         meter = metrics.get_meter(SCOPE)
         factory = meter.create_counter if kind == "counter" else meter.create_histogram
         found = factory(name, unit=unit, description=description)

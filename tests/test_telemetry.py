@@ -106,3 +106,22 @@ def test_without_opentelemetry_spans_and_metrics_are_no_ops() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False None"
+
+
+def test_spans_are_skipped_until_the_host_sets_a_tracer_provider() -> None:
+    code = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
+        "from orchestrator_engine import telemetry\n"
+        "with telemetry.span('before', a=1) as current: print(current is None)\n"
+        "spans = InMemorySpanExporter()\n"
+        "provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(spans))\n"
+        "trace.set_tracer_provider(provider)\n"
+        "with telemetry.span('after', a=1) as current: print(current is None)\n"
+        "print([s.name for s in spans.get_finished_spans()])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == ["True", "False", "['after']"]
