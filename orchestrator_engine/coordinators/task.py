@@ -83,6 +83,8 @@ class TaskCoordinator:
                     row
                 )  # guarded in SQL by lease_expires_at < now(): a live lease is left alone
             granted = repos.executions.task_lease_if_acquirable(c, eid, wid, self._config.lease_duration)
+            if granted is not None and granted["leases_written"] != 1:
+                raise AssertionError("grant lost its lease row")  # pragma: no cover - invariant
             if granted is not None:
                 unit.emit(
                     EventType.TASK_STARTED
@@ -137,6 +139,8 @@ class TaskCoordinator:
             )
         if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
             raise AssertionError("poll lost an instance sequence update")  # pragma: no cover - invariant
+        if rows and rows[0]["leases_written"] != len(rows):
+            raise AssertionError("poll lost a lease row")  # pragma: no cover - invariant
         return [execution_from_row(r) for r in rows]
 
     def _reclaim_if_due(self) -> None:

@@ -219,10 +219,13 @@ WITH req AS (
     SELECT k.*
     FROM locked k
     CROSS JOIN LATERAL (
-        -- the primary key is the probe's only condition, so no other index can be chosen for it
+        -- the primary key is the probe's only condition (OFFSET 0 keeps the planner from pushing the
+        -- state test down, which would make the partial lease index a candidate for the probe); the
+        -- conditions are checked outside, on the locked row
         SELECT e.state, e.lease_holder, e.fence_token
         FROM {schema}.task_executions e
         WHERE e.execution_id = k.execution_id
+        OFFSET 0
         FOR NO KEY UPDATE
     ) e
     WHERE (SELECT count(*) FROM locked) >= 0
