@@ -54,7 +54,7 @@ def _tracing() -> Any:
 
 def _metering() -> Any:
     """Return opentelemetry.metrics when measurements are recorded: installed, and a meter provider is set."""
-    if _otel() is None or _metrics is None:
+    if _otel() is None:
         return None
     # the API's stand-in until a provider is set (a private class: should its name change, the engine
     # only goes back to handing its measurements to the no-op stand-in)

@@ -83,9 +83,9 @@ class TaskCoordinator:
                     row
                 )  # guarded in SQL by lease_expires_at < now(): a live lease is left alone
             granted = repos.executions.task_lease_if_acquirable(c, eid, wid, self._config.lease_duration)
-            if granted is not None and granted["leases_written"] != 1:
-                raise AssertionError("grant lost its lease row")  # pragma: no cover - invariant
             if granted is not None:
+                if granted["leases_written"] != 1:
+                    raise AssertionError("grant lost its lease row")  # pragma: no cover - invariant
                 unit.emit(
                     EventType.TASK_STARTED
                     if granted["kind"] == FORWARD

@@ -81,11 +81,11 @@ SELECT g.*, (SELECT count(*) FROM lease) AS leases_written FROM granted g
 -- A poller never waits: it locks executions, then their instance rows, with SKIP LOCKED, so it cannot
 -- be part of a cycle of waits and never queues behind a busy instance (a worker that comes back short
 -- re-polls soon). Row locking re-reads the newest committed instance row, so seq0 is current.
--- Every other row is reached by primary key, whatever the table sizes and statistics: the instances
--- through LATERAL (one probe each), the updated rows through `= ANY(ARRAY(...))` conditions; a join
--- the planner may cost against a whole table would scan it when it is small, batch after batch.
+-- The instance rows are reached by primary key, whatever the table sizes and statistics: locked
+-- through LATERAL (one probe each), advanced through an `= ANY(ARRAY(...))` condition; a join the
+-- planner may cost against a whole table would scan it when it is small, batch after batch.
 WITH candidates AS MATERIALIZED (
-    SELECT e.execution_id, e.workflow_instance_id, e.timeout, e.ready_at
+    SELECT e.execution_id, e.workflow_instance_id, e.ready_at
     FROM {schema}.task_executions e
     WHERE e.state = 'READY' AND e.ready_at <= now()
       AND (%(namespace)s::text IS NULL OR e.namespace = %(namespace)s::text)
@@ -94,7 +94,7 @@ WITH candidates AS MATERIALIZED (
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
 ), picked AS MATERIALIZED (
-    SELECT c.execution_id, c.workflow_instance_id, c.timeout, c.ready_at, w.sequence_number AS seq0
+    SELECT c.execution_id, c.workflow_instance_id, c.ready_at, w.sequence_number AS seq0
     FROM candidates c
     CROSS JOIN LATERAL (
         SELECT w.sequence_number
@@ -304,7 +304,7 @@ SET deps_remaining = e.deps_remaining - h.n,
                                AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on)))
         ELSE e.input END
 FROM hits h
-WHERE e.execution_id = h.execution_id AND e.workflow_instance_id = ANY(%(instance_ids)s::uuid[])
+WHERE e.execution_id = h.execution_id
 RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.kind, e.state, e.attempt_number, e.lapse_count
 -- name: task_cancel_open
 UPDATE {schema}.task_executions
