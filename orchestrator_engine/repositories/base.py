@@ -10,7 +10,7 @@ from psycopg.rows import dict_row
 
 from .._errors_map import translate
 from ..errors import PayloadError
-from ..sql import queries
+from ..sql import native_queries
 
 Row = dict[str, Any]
 TUPLES_OK = pq.ExecStatus.TUPLES_OK
@@ -20,12 +20,13 @@ class Repository:
     """Run named statements of one schema on a caller-owned connection."""
 
     def __init__(self, schema: str) -> None:
-        self._q = queries(schema)
+        self._q = native_queries(schema)
 
     def _all(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[Row]:
+        values = [params[n] for n in self._q[name].names]
         try:
-            with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(self._q[name], params)
+            with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
+                cur.execute(self._q[name].text, values)
                 # the result's status, not cur.description: that builds a Column object per column
                 result = cur.pgresult
                 return cur.fetchall() if result is not None and result.status == TUPLES_OK else []
@@ -39,9 +40,10 @@ class Repository:
         return rows[0] if rows else None
 
     def _run(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> int:
+        values = [params[n] for n in self._q[name].names]
         try:
-            with conn.cursor() as cur:
-                cur.execute(self._q[name], params)
+            with psycopg.RawCursor(conn) as cur:
+                cur.execute(self._q[name].text, values)
                 return cur.rowcount
         except psycopg.Error as exc:
             raise translate(exc) from exc

@@ -146,6 +146,8 @@ def _safe_query(node: ast.expr) -> bool:
         return True
     if isinstance(node, ast.Subscript):  # a named query: q[name], self._q[name]
         return True
+    if isinstance(node, ast.Attribute) and node.attr == "text" and isinstance(node.value, ast.Subscript):
+        return True  # a named query's native form: self._q[name].text
     if _is_sql_call(node):
         return True
     # sql.SQL("... {} ...").format(sql.Identifier(...)): composition done by the driver
