@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator_engine import EngineConfig, TaskCoordinator, create_pool
+from orchestrator_engine import EngineConfig, StartWorkflowRequest, TaskCoordinator, create_pool
+from orchestrator_engine.coordinators.workflow import _StartBatch
 from orchestrator_engine.sql import queries, raw_queries
 
 from . import _history, _shapes
@@ -136,47 +137,13 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
 
 
 def _start_many_parameters() -> dict[str, Any]:
-    """Return one new single-task workflow in the shape WorkflowCoordinator.start_workflows sends."""
-    instance_id, execution_id = uuid.uuid4(), uuid.uuid4()
-    instance = {
-        "instance_id": str(instance_id),
-        "namespace": _shapes.NAMESPACE,
-        "workflow_name": "single",
-        "workflow_version": 1,
-        "run_id": "plan-start",
-        "input": {"i": 0},
-        "pending_tasks": 1,
-        "sequence_number": 2,
-        "ord": 0,
-    }
-    task = {
-        "execution_id": str(execution_id),
-        "workflow_instance_id": str(instance_id),
-        "namespace": _shapes.NAMESPACE,
-        "task_id": "t",
-        "task_type": _shapes.TASK_TYPE,
-        "idempotency_key": f"{instance_id}:t:1",
-        "max_attempts": 3,
-        "state": "READY",
-        "depends_on": [],
-        "deps_remaining": 0,
-        "input": {"workflow": {"i": 0}, "dependencies": {}},
-        "timeout_ms": None,
-    }
-    events = [
-        {
-            "workflow_instance_id": str(instance_id),
-            "sequence_number": seq,
-            "event_type": kind,
-            "payload": {},
-            "idempotency_key": f"{instance_id}:{kind.lower()}:",
-        }
-        for seq, kind in ((1, "WORKFLOW_STARTED"), (2, "TASK_SCHEDULED"))
-    ]
+    """Return one new single-task workflow, planned as WorkflowCoordinator.start_workflows plans it."""
+    batch = _StartBatch()
+    request = StartWorkflowRequest(_shapes.NAMESPACE, "single", "plan-start", {"i": 0})
+    batch.add(request, json.dumps(request.input), _shapes.single(), 0)
     return {
-        "instances": json.dumps([instance]),
-        "tasks": json.dumps([task]),
-        "events": json.dumps(events),
+        "instances": json.dumps(batch.instances),
+        "plans": "[" + ",".join(batch.plan_texts) + "]",
         "channel": None,
     }
 

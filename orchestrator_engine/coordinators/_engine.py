@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
@@ -35,6 +35,8 @@ class Engine:
         self._definitions: dict[tuple[str, str, int], WorkflowDefinition] = {}
         #: the latest version of each (namespace, name) last seen; may be stale, see latest_definition
         self._latest: dict[tuple[str, str], int] = {}
+        #: what a start sends of each cached definition, see start_plan
+        self._start_plans: dict[tuple[str, str, int], tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -120,6 +122,23 @@ class Engine:
                 if latest:
                     self._latest[key[:2]] = key[2]
         return definition
+
+    def start_plan(
+        self, definition: WorkflowDefinition, make: Callable[[WorkflowDefinition], tuple[str, int]]
+    ) -> tuple[str, int]:
+        """Return ``make(definition)``, made once per definition this engine has cached.
+
+        A definition that is not the cached one (read inside the caller's transaction, which could
+        still roll back) gets a fresh plan each time.
+        """
+        key = (definition.namespace, definition.name, definition.version)
+        if self._definitions.get(key) is not definition:
+            return make(definition)
+        plan = self._start_plans.get(key)
+        if plan is None:
+            # threads that race here make equal plans; the last one stored wins
+            plan = self._start_plans[key] = make(definition)
+        return plan
 
     def forget_latest(self, namespace: str, name: str) -> None:
         """Drop the cached latest version of a workflow, so the next start looks it up."""

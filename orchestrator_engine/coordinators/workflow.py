@@ -33,7 +33,6 @@ from ..models import (
 from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_name, as_run_id, as_uuid, as_version, new_id
-from ._unit import FORWARD, execution_key
 
 W = WorkflowState
 PURGEABLE = (W.COMPLETED, W.CANCELLED, W.COMPENSATED)
@@ -177,15 +176,13 @@ class WorkflowCoordinator:
             definitions = self._definitions_of(c, checked, fresh=fresh)
             if not in_transaction and None in definitions.values():
                 return None
-            instances: list[dict[str, Any]] = []
-            tasks: list[dict[str, Any]] = []
-            events: list[dict[str, Any]] = []
+            batch = _StartBatch(self._engine)
             for order, (request, input_text) in enumerate(checked):
                 definition = definitions[(request.namespace, request.workflow_name, request.version)]
                 if definition is not None:
-                    self._plan_start(request, input_text, definition, order, instances, tasks, events)
+                    batch.add(request, input_text, definition, order)
             rows = self._engine.repos.instances.workflow_start_many(
-                c, instances, tasks, events, channel=channel
+                c, batch.instances, batch.plan_texts, channel=channel
             )
             if not rows[0]["stale"]:
                 break
@@ -193,32 +190,30 @@ class WorkflowCoordinator:
             # written, so plan again on the latest versions read now (this repeats only while new
             # versions keep committing between that read and the statement)
             fresh = True
-        return self._instances_of(c, checked, rows)
+        return self._instances_of(c, checked, batch.started(rows))
 
     def _instances_of(
         self,
         c: psycopg.Connection[Any],
         checked: list[tuple[StartWorkflowRequest, str]],
-        rows: list[dict[str, Any]],
+        started: dict[tuple[str, str, str], WorkflowInstance],
     ) -> list[WorkflowInstance]:
         """Return each request's instance: the one just started, else the one its run_id started before."""
-        started = {
-            (r["namespace"], r["workflow_name"], r["run_id"]): r for r in rows if r["instance_id"] is not None
-        }
         out = []
         for request, _ in checked:
-            row = started.get((request.namespace, request.workflow_name, request.run_id))
-            if row is None:
+            instance = started.get((request.namespace, request.workflow_name, request.run_id))
+            if instance is None:
                 # started before (or by a concurrent caller, whose commit ON CONFLICT waited for)
                 row = self._engine.repos.instances.workflow_get_by_run_id(
                     c, request.namespace, request.workflow_name, request.run_id
                 )
-            if row is None:
-                version = "latest version" if request.version is None else f"version {request.version}"
-                raise WorkflowNotFoundError(
-                    f"no workflow {request.namespace}/{request.workflow_name} {version}"
-                )
-            out.append(instance_from_row(row))
+                if row is None:
+                    version = "latest version" if request.version is None else f"version {request.version}"
+                    raise WorkflowNotFoundError(
+                        f"no workflow {request.namespace}/{request.workflow_name} {version}"
+                    )
+                instance = instance_from_row(row)
+            out.append(instance)
         return out
 
     def _definitions_of(
@@ -246,72 +241,6 @@ class WorkflowCoordinator:
             except WorkflowNotFoundError:
                 definitions[key] = None  # fine if the run_id exists already; checked after the start
         return definitions
-
-    @staticmethod
-    def _plan_start(
-        request: StartWorkflowRequest,
-        input_text: str,
-        definition: WorkflowDefinition,
-        order: int,
-        instances: list[dict[str, Any]],
-        tasks: list[dict[str, Any]],
-        events: list[dict[str, Any]],
-    ) -> None:
-        instance_id = new_id()
-        iid = str(instance_id)
-        workflow_input = json.loads(input_text)
-        own: list[tuple[str, dict[str, Any], str]] = [
-            (
-                EventType.WORKFLOW_STARTED.value,
-                {"run_id": request.run_id, "workflow_version": definition.version},
-                f"{iid}:started",
-            )
-        ]
-        for t in definition.tasks:
-            execution_id = str(new_id())
-            tasks.append(
-                {
-                    "execution_id": execution_id,
-                    "workflow_instance_id": iid,
-                    "namespace": request.namespace,
-                    "task_id": t.task_id,
-                    "task_type": t.type,
-                    "idempotency_key": execution_key(instance_id, FORWARD, t.task_id, 1),
-                    "max_attempts": t.retry.max_attempts,
-                    "state": "PENDING" if t.depends_on else "READY",
-                    "depends_on": list(t.depends_on),
-                    "deps_remaining": len(t.depends_on),
-                    "input": None if t.depends_on else {"workflow": workflow_input, "dependencies": {}},
-                    "timeout_ms": None if t.timeout is None else round(t.timeout.total_seconds() * 1000),
-                }
-            )
-            if not t.depends_on:
-                payload = {"execution_id": execution_id, "task_id": t.task_id, "attempt": 1}
-                own.append((EventType.TASK_SCHEDULED.value, payload, f"{iid}:scheduled:{execution_id}:0"))
-        events.extend(
-            {
-                "workflow_instance_id": iid,
-                "sequence_number": seq,
-                "event_type": event_type,
-                "payload": payload,
-                "idempotency_key": key,
-            }
-            for seq, (event_type, payload, key) in enumerate(own, start=1)
-        )
-        instances.append(
-            {
-                "instance_id": iid,
-                "namespace": request.namespace,
-                "workflow_name": request.workflow_name,
-                "workflow_version": definition.version,
-                "run_id": request.run_id,
-                "input": workflow_input,
-                "pending_tasks": len(definition.tasks),
-                "sequence_number": len(own),
-                "ord": order,
-                "latest": request.version is None,
-            }
-        )
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -462,3 +391,97 @@ class WorkflowCoordinator:
             if len(deleted) < batch_size:
                 break
         return total
+
+
+class _StartBatch:
+    """What workflow_start_many is sent: each instance once, and each definition's plan once.
+
+    The statement builds the task rows and the first events from the plan (see its comment), so a
+    start sends its input once and no per-task or per-event documents.
+    """
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.instances: list[dict[str, Any]] = []
+        self.plan_texts: list[str] = []
+        self._engine = engine
+        self._plans: dict[tuple[str, str, int], tuple[int, int]] = {}  # -> (index, sequence number)
+        self._meta: dict[UUID, tuple[StartWorkflowRequest, Any, int, int]] = {}
+
+    def add(
+        self, request: StartWorkflowRequest, input_text: str, definition: WorkflowDefinition, order: int
+    ) -> None:
+        """Plan one start: a new instance id and one execution id per task of ``definition``."""
+        key = (definition.namespace, definition.name, definition.version)
+        plan = self._plans.get(key)
+        if plan is None:
+            if self._engine is None:
+                text, sequence_number = _start_plan(definition)
+            else:
+                text, sequence_number = self._engine.start_plan(definition, _start_plan)
+            plan = self._plans[key] = (len(self.plan_texts), sequence_number)
+            self.plan_texts.append(text)
+        instance_id = new_id()
+        workflow_input = json.loads(input_text)
+        self._meta[instance_id] = (request, workflow_input, definition.version, plan[1])
+        self.instances.append(
+            {
+                "instance_id": str(instance_id),
+                "namespace": request.namespace,
+                "workflow_name": request.workflow_name,
+                "workflow_version": definition.version,
+                "run_id": request.run_id,
+                "input": workflow_input,
+                "ord": order,
+                "latest": request.version is None,
+                "plan": plan[0],
+                "execution_ids": [str(new_id()) for _ in definition.tasks],
+            }
+        )
+
+    def started(self, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], WorkflowInstance]:
+        """Map (namespace, workflow name, run_id) to each instance the statement inserted."""
+        out = {}
+        for row in rows:
+            if row["instance_id"] is None:
+                continue  # the row of NULLs: nothing was started
+            request, workflow_input, version, sequence_number = self._meta[row["instance_id"]]
+            out[(request.namespace, request.workflow_name, request.run_id)] = WorkflowInstance(
+                instance_id=row["instance_id"],
+                namespace=request.namespace,
+                workflow_name=request.workflow_name,
+                workflow_version=version,
+                run_id=request.run_id,
+                state=W.RUNNING,
+                input=workflow_input,
+                output=None,
+                sequence_number=sequence_number,
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+            )
+        return out
+
+
+def _start_plan(definition: WorkflowDefinition) -> tuple[str, int]:
+    """Return a definition's start plan as JSON, and the sequence number of its last start event.
+
+    Event 1 is WORKFLOW_STARTED; each root task (no dependencies) gets the next number for its
+    TASK_SCHEDULED event, in definition order.
+    """
+    tasks = []
+    sequence_number = 1
+    for n, t in enumerate(definition.tasks, start=1):
+        root = not t.depends_on
+        sequence_number += root
+        tasks.append(
+            {
+                "n": n,
+                "task_id": t.task_id,
+                "task_type": t.type,
+                "max_attempts": t.retry.max_attempts,
+                "depends_on": list(t.depends_on),
+                "timeout_ms": None if t.timeout is None else round(t.timeout.total_seconds() * 1000),
+                "seq": sequence_number if root else None,
+            }
+        )
+    plan = {"sequence_number": sequence_number, "pending_tasks": len(definition.tasks), "tasks": tasks}
+    return json.dumps(plan), sequence_number

@@ -16,15 +16,14 @@ class InstanceRepository(Repository):
         self,
         conn: psycopg.Connection[Any],
         instances: list[dict[str, Any]],
-        tasks: list[dict[str, Any]],
-        events: list[dict[str, Any]],
+        plan_texts: list[str],
         *,
         channel: str | None,
     ) -> list[Row]:
+        """Start the instances; ``plan_texts`` are JSON plans, which each instance's "plan" indexes."""
         params = {
-            "instances": json.dumps(instances, default=str),
-            "tasks": json.dumps(tasks, default=str),
-            "events": json.dumps(events, default=str),
+            "instances": json.dumps(instances),
+            "plans": "[" + ",".join(plan_texts) + "]",
             "channel": channel,
         }
         return self._all(conn, "workflow_start_many", params)

@@ -64,17 +64,27 @@ SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS
 -- Start a batch in one statement: instances (ON CONFLICT skips run_ids that exist), then the tasks
 -- and the first events of only the instances this statement inserted. Each instance is born with the
 -- sequence number of its last event, so no second update is needed.
+-- The caller sends each instance once and each definition's plan once (plans: a JSON array of
+-- objects with sequence_number, pending_tasks and tasks; an instance's "plan" indexes it): the task
+-- rows and the events are built here, the n-th task of an instance taking the n-th of its
+-- execution_ids, its idempotency key as execution_key() makes it for attempt 1.
+-- A task with an event sequence number (seq) is a root: READY, with its input, and a TASK_SCHEDULED
+-- event; the others wait PENDING for their dependencies.
 -- A start without a version (latest) was planned on the caller's cached latest version. If another
 -- engine has registered a newer one since, the batch writes nothing and returns stale > 0, and the
 -- caller plans it again on the latest versions it reads now. The check runs in this statement's
 -- snapshot, so every start uses the version that was the latest when it was written.
 -- Unless channel is NULL, each namespace that got a new instance is announced on it (pg_notify,
--- delivered at commit) to wake idle workers. Always returns a row: the started instances, or one row
--- of NULLs that carries the counts.
+-- delivered at commit) to wake idle workers. Always returns a row: the started instances' ids and
+-- timestamps (the caller knows the rest), or one row of NULLs that carries the counts.
 WITH requested AS (
     SELECT * FROM jsonb_to_recordset(%(instances)s::jsonb) AS r(
         instance_id uuid, namespace text, workflow_name text, workflow_version integer, run_id text,
-        input jsonb, pending_tasks integer, sequence_number bigint, ord integer, latest boolean)
+        input jsonb, ord integer, latest boolean, plan integer, execution_ids uuid[])
+), plans AS (
+    SELECT p.n - 1 AS plan, (p.value ->> 'sequence_number')::bigint AS sequence_number,
+           (p.value ->> 'pending_tasks')::integer AS pending_tasks, p.value -> 'tasks' AS tasks
+    FROM jsonb_array_elements(%(plans)s::jsonb) WITH ORDINALITY AS p(value, n)
 ), stale AS (
     SELECT 1
     FROM requested q
@@ -86,39 +96,52 @@ WITH requested AS (
         (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
          pending_tasks)
     SELECT q.instance_id, q.namespace, q.workflow_name, q.workflow_version, q.run_id, 'RUNNING', q.input,
-           q.sequence_number, q.pending_tasks
-    FROM requested q
+           p.sequence_number, p.pending_tasks
+    FROM requested q JOIN plans p ON p.plan = q.plan
     WHERE NOT EXISTS (SELECT FROM stale)
     ORDER BY q.ord
     ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
-    RETURNING *
+    RETURNING instance_id, namespace, workflow_version, run_id, input, created_at, updated_at
+), planned AS (
+    SELECT s.instance_id, s.namespace, s.input, q.execution_ids[t.n] AS execution_id, t.*
+    FROM started s
+    JOIN requested q ON q.instance_id = s.instance_id
+    JOIN plans p ON p.plan = q.plan
+    CROSS JOIN LATERAL jsonb_to_recordset(p.tasks) AS t(
+        n integer, task_id text, task_type text, max_attempts integer, depends_on text[], timeout_ms bigint,
+        seq bigint)
 ), tasks AS (
     INSERT INTO {schema}.task_executions
         (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,
          attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at)
-    SELECT r.execution_id, r.workflow_instance_id, r.namespace, r.task_id, r.task_type, 'FORWARD',
-           r.idempotency_key, 1, 0, r.max_attempts, r.state, r.depends_on, r.deps_remaining, r.input,
-           make_interval(secs => r.timeout_ms / 1000.0), CASE WHEN r.state = 'READY' THEN now() END
-    FROM jsonb_to_recordset(%(tasks)s::jsonb) AS r(
-        execution_id uuid, workflow_instance_id uuid, namespace text, task_id text, task_type text,
-        idempotency_key text, max_attempts integer, state text, depends_on text[], deps_remaining integer,
-        input jsonb, timeout_ms bigint)
-    WHERE r.workflow_instance_id IN (SELECT s.instance_id FROM started s)
+    SELECT t.execution_id, t.instance_id, t.namespace, t.task_id, t.task_type, 'FORWARD',
+           t.instance_id || ':' || t.task_id || ':1', 1, 0, t.max_attempts,
+           CASE WHEN t.seq IS NULL THEN 'PENDING' ELSE 'READY' END, t.depends_on, cardinality(t.depends_on),
+           CASE WHEN t.seq IS NOT NULL
+                THEN jsonb_build_object('workflow', t.input, 'dependencies', jsonb_build_object()) END,
+           make_interval(secs => t.timeout_ms / 1000.0), CASE WHEN t.seq IS NOT NULL THEN now() END
+    FROM planned t
     RETURNING 1
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), r.workflow_instance_id, r.sequence_number, r.event_type, r.payload,
-           r.idempotency_key
-    FROM jsonb_to_recordset(%(events)s::jsonb) AS r(
-        workflow_instance_id uuid, sequence_number bigint, event_type text, payload jsonb, idempotency_key text)
-    WHERE r.workflow_instance_id IN (SELECT s.instance_id FROM started s)
+    SELECT gen_random_uuid(), s.instance_id, 1, 'WORKFLOW_STARTED',
+           jsonb_build_object('run_id', s.run_id, 'workflow_version', s.workflow_version),
+           s.instance_id || ':started'
+    FROM started s
+    UNION ALL
+    SELECT gen_random_uuid(), t.instance_id, t.seq, 'TASK_SCHEDULED',
+           jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
+           t.instance_id || ':scheduled:' || t.execution_id || ':0'
+    FROM planned t
+    WHERE t.seq IS NOT NULL
     RETURNING 1
 ), woken AS (
     SELECT pg_notify(%(channel)s::text, n.namespace)
     FROM (SELECT DISTINCT s.namespace FROM started s) AS n
     WHERE %(channel)s::text IS NOT NULL
 )
-SELECT s.*, (SELECT count(*) FROM tasks) AS tasks_written, (SELECT count(*) FROM logged) AS events_written,
-       (SELECT count(*) FROM woken) AS notified, (SELECT count(*) FROM stale) AS stale
+SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM tasks) AS tasks_written,
+       (SELECT count(*) FROM logged) AS events_written, (SELECT count(*) FROM woken) AS notified,
+       (SELECT count(*) FROM stale) AS stale
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
