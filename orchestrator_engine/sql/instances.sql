@@ -86,11 +86,12 @@ WITH requested AS (
            (p.value ->> 'pending_tasks')::integer AS pending_tasks, p.value -> 'tasks' AS tasks
     FROM jsonb_array_elements(%(plans)s::jsonb) WITH ORDINALITY AS p(value, n)
 ), stale AS (
+    -- once per workflow, not per instance: a batch usually starts many runs of one workflow
     SELECT 1
-    FROM requested q
-    WHERE q.latest AND q.workflow_version IS DISTINCT FROM (
+    FROM (SELECT DISTINCT q.namespace, q.workflow_name, q.workflow_version FROM requested q WHERE q.latest) l
+    WHERE l.workflow_version IS DISTINCT FROM (
         SELECT max(d.version) FROM {schema}.workflow_definitions d
-        WHERE d.namespace = q.namespace AND d.name = q.workflow_name)
+        WHERE d.namespace = l.namespace AND d.name = l.workflow_name)
 ), started AS (
     INSERT INTO {schema}.workflow_instances
         (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
