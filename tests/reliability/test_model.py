@@ -10,6 +10,7 @@ lapse. Each run gets a fresh database, and ends with the invariant checker.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,6 +150,8 @@ class Model:
     def __init__(self) -> None:
         self.instances: dict[UUID, MInstance] = {}
         self.step = 0
+        #: each workflow's state when the current step began, for unpark_resumed
+        self._states: dict[UUID, W] = {}
         self._created = 0
         self._lapses = 0
 
@@ -195,6 +198,21 @@ class Model:
             )
         self.instances[instance_id] = inst
         return inst
+
+    def unpark_resumed(self) -> None:
+        """Apply the parking rule to the step that just ended; call it before each new step.
+
+        READY executions of a PAUSED or FAILED workflow are parked; the statement that makes the
+        workflow RUNNING or COMPENSATING again sets their ready_at to its now(), so they queue behind
+        everything made ready in earlier steps (docs/concepts/leases-and-fencing.md).
+        """
+        for iid, inst in self.instances.items():
+            before = self._states.get(iid, inst.state)
+            if before in (W.PAUSED, W.FAILED) and inst.state in (W.RUNNING, W.COMPENSATING):
+                for e in inst.execs:
+                    if e.state == READY:
+                        e.ready_step = self.step
+            self._states[iid] = inst.state
 
     def ready(self) -> list[tuple[MInstance, MExec]]:
         """Executions poll_tasks may lease: READY, in a RUNNING or COMPENSATING workflow."""
@@ -375,6 +393,7 @@ class EngineMachine(RuleBasedStateMachine):
     # -- helpers -------------------------------------------------------------------------------------
 
     def _tick(self) -> None:
+        self.model.unpark_resumed()
         self.model.step += 1
 
     def _instance(self, pick: int) -> MInstance:
@@ -795,5 +814,35 @@ def test_retrying_the_failed_task_after_a_failed_compensation_leaves_no_cancelle
         assert state is not W.RUNNING or tasks[("ship", FORWARD)] != CANCELLED, (
             f"the workflow is {state.value} but ship was cancelled and can never run: {tasks}"
         )
+    finally:
+        machine.teardown()
+
+
+def test_a_resumed_workflow_queues_behind_work_made_ready_while_it_was_paused(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example the full-size run found, spelled out so it runs the same way every time.
+
+    Pausing parks the workflow's READY task; resuming gives it ready_at = now(), so a task released
+    in between, in another workflow, is older and is leased first. The model applies the same rule
+    (``Model.unpark_resumed``); before it did, it expected the resumed task first.
+    """
+    monkeypatch.setattr(sys.modules[__name__], "event", lambda *_args, **_kwargs: None)  # no hypothesis run
+    machine = EngineMachine(env)
+    try:
+        machine.start_some_workflows(["pair", "pair"])
+        machine.start_workflow("pair")
+        first, second, third = machine.model.instances.values()
+        machine.operate(pick=0, action="pause", task_id="a")
+        # leases the a of the two running workflows and completes one: its b becomes READY
+        machine.work(WORKERS[0], ["complete"], drain=True)
+        machine.engine_agrees_with_the_model()
+        machine.operate(pick=0, action="resume", task_id="a")
+        machine.work(WORKERS[0], ["complete"], drain=False)  # a limit of one: the oldest only
+        machine.engine_agrees_with_the_model()
+        leased = [(i.instance_id, e.task_id) for i in (first, second, third) for e in i.execs if e.holder]
+        assert (first.instance_id, "a") not in leased
+        machine.work(WORKERS[0], [], drain=True)
+        machine.engine_agrees_with_the_model()
     finally:
         machine.teardown()
