@@ -17,6 +17,7 @@ from psycopg import sql
 
 from orchestrator_engine import EngineConfig, StartWorkflowRequest, TaskCoordinator, create_pool
 from orchestrator_engine.coordinators.workflow import _StartBatch
+from orchestrator_engine.repositories.instances import InstanceRepository
 from orchestrator_engine.sql import queries, raw_queries
 
 from . import _history, _shapes
@@ -141,11 +142,7 @@ def _start_many_parameters() -> dict[str, Any]:
     batch = _StartBatch()
     request = StartWorkflowRequest(_shapes.NAMESPACE, "single", "plan-start", {"i": 0})
     batch.add(request, json.dumps(request.input), _shapes.single(), 0)
-    return {
-        "instances": json.dumps(batch.instances),
-        "plans": "[" + ",".join(batch.plan_texts) + "]",
-        "channel": None,
-    }
+    return InstanceRepository.start_parameters(batch.instances, batch.plan_texts, None)
 
 
 def missing_parameters(name: str, params: dict[str, Any]) -> list[str]:

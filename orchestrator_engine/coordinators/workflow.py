@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -176,7 +176,7 @@ class WorkflowCoordinator:
             definitions = self._definitions_of(c, checked, fresh=fresh)
             if not in_transaction and None in definitions.values():
                 return None
-            batch = _StartBatch(self._engine)
+            batch = _StartBatch(lambda d: self._engine.start_plan(d, _start_plan))
             for order, (request, input_text) in enumerate(checked):
                 definition = definitions[(request.namespace, request.workflow_name, request.version)]
                 if definition is not None:
@@ -400,10 +400,10 @@ class _StartBatch:
     start sends its input once and no per-task or per-event documents.
     """
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, plan_of: Callable[[WorkflowDefinition], tuple[str, int]] | None = None) -> None:
         self.instances: list[dict[str, Any]] = []
         self.plan_texts: list[str] = []
-        self._engine = engine
+        self._plan_of = plan_of or _start_plan  # the coordinator's goes through the engine's cache
         self._plans: dict[tuple[str, str, int], tuple[int, int]] = {}  # -> (index, sequence number)
         self._meta: dict[UUID, tuple[StartWorkflowRequest, Any, int, int]] = {}
 
@@ -414,10 +414,7 @@ class _StartBatch:
         key = (definition.namespace, definition.name, definition.version)
         plan = self._plans.get(key)
         if plan is None:
-            if self._engine is None:
-                text, sequence_number = _start_plan(definition)
-            else:
-                text, sequence_number = self._engine.start_plan(definition, _start_plan)
+            text, sequence_number = self._plan_of(definition)
             plan = self._plans[key] = (len(self.plan_texts), sequence_number)
             self.plan_texts.append(text)
         instance_id = new_id()

@@ -21,12 +21,18 @@ class InstanceRepository(Repository):
         channel: str | None,
     ) -> list[Row]:
         """Start the instances; ``plan_texts`` are JSON plans, which each instance's "plan" indexes."""
-        params = {
+        return self._all(conn, "workflow_start_many", self.start_parameters(instances, plan_texts, channel))
+
+    @staticmethod
+    def start_parameters(
+        instances: list[dict[str, Any]], plan_texts: list[str], channel: str | None
+    ) -> dict[str, Any]:
+        """Return workflow_start_many's parameters (the benchmark explains the statement with them)."""
+        return {
             "instances": json.dumps(instances),
             "plans": "[" + ",".join(plan_texts) + "]",
             "channel": channel,
         }
-        return self._all(conn, "workflow_start_many", params)
 
     def workflow_get(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:
         return self._one(conn, "workflow_get", {"instance_id": instance_id})
