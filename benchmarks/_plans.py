@@ -158,6 +158,8 @@ def explain(conn: psycopg.Connection[Any], name: str, schema: str, params: dict[
         rows = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params).fetchall()
     executed = "\n".join(str(r[0]) for r in rows)
     generic = generic_plan(conn, text)
+    # the plans of statements run inside functions (the poll's pick): EXPLAIN shows a Function Scan
+    inner = auto_explained(conn, query, params)[:-1]
     shown = {k: _short(v) for k, v in params.items()}
     return "\n".join(
         [
@@ -169,12 +171,40 @@ def explain(conn: psycopg.Connection[Any], name: str, schema: str, params: dict[
             "-- EXPLAIN (ANALYZE, BUFFERS), executed in a transaction that was rolled back:",
             executed,
             "",
+            *(
+                f"-- auto_explain of a statement it runs inside a function (executed, rolled back):\n{plan}\n"
+                for plan in inner
+            ),
             "-- EXPLAIN (GENERIC_PLAN): the plan a prepared statement may switch to after five executions",
             "-- (psycopg prepares a statement on its fifth run on a connection):",
             generic,
             "",
         ]
     )
+
+
+def auto_explained(
+    conn: psycopg.Connection[Any], query: sql.Composable, params: dict[str, Any], fmt: str = "text"
+) -> list[str]:
+    """Run ``query`` in a rolled-back transaction with auto_explain on; return every plan it executed.
+
+    The statements run inside functions come first, the calling statement last: EXPLAIN of the
+    caller shows a function as a Function Scan only. Needs auto_explain (contrib; LOAD as superuser).
+    """
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    settings = {"log_min_duration": "0", "log_nested_statements": "on", "log_format": fmt, "log_level": "notice"}
+    with conn.transaction(force_rollback=True):
+        for setting, value in settings.items():
+            conn.execute("SELECT set_config(%s, %s, true)", (f"auto_explain.{setting}", value))
+        conn.execute(query, params)
+    plans = []
+    for notice in notices:
+        _, found, body = notice.partition("plan:")
+        if found:
+            plans.append(body.strip())
+    return plans
 
 
 def generic_plan(conn: psycopg.Connection[Any], text: str) -> str:

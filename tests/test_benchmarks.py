@@ -5,11 +5,14 @@ No timing is asserted anywhere: numbers belong in benchmarks/RESULTS.md, not in 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -18,15 +21,18 @@ from psycopg import sql
 # benchmarks/ is a directory of the checkout, not part of the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import _shapes
 from benchmarks._env import engine_config
-from benchmarks._plans import SCHEMA, Population, parameters, populate
-from orchestrator_engine import migrate
+from benchmarks._plans import SCHEMA, Population, auto_explained, parameters, populate
+from orchestrator_engine import create_pool, migrate
 from orchestrator_engine.sql import queries
 
 ROOT = Path(__file__).resolve().parent.parent
 #: a few thousand finished workflows and a few hundred queued: enough that a sequential scan would
 #: be priced above the index scans the queue is designed around
 POPULATION = Population(finished=3_000, ready=300)
+#: how a worker polls: the task types it handles, as many tasks as it has free slots
+POLL = {"namespace": None, "task_types": [_shapes.TASK_TYPE], "lease": timedelta(seconds=30)}
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -73,12 +79,44 @@ def _seq_scanned(nodes: list[dict[str, Any]]) -> set[str]:
     return {n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"}
 
 
-def test_poll_finds_ready_tasks_through_the_ready_partial_index(
-    explained: dict[str, list[dict[str, Any]]],
-) -> None:
-    nodes = explained["task_poll_and_lease"]
-    assert "ix_task_executions_ready" in _index_names(nodes)
-    assert "task_executions" not in _seq_scanned(nodes)
+def _executed_plans(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Run statement ``name`` (rolled back); return the nodes of every plan it ran, functions' included."""
+    plans = auto_explained(conn, queries(SCHEMA)[name], params, fmt="json")
+    return [list(_nodes(json.loads(plan)["Plan"])) for plan in plans]
+
+
+def _assert_pick_walks_the_ready_index(plans: list[list[dict[str, Any]]]) -> None:
+    """The pick reads the ready index in order and stops at the limit: no bitmap, no sort, no scan."""
+    picks = [nodes for nodes in plans if "ix_task_executions_ready" in _index_names(nodes)]
+    assert len(picks) == 1, [sorted(_index_names(nodes)) for nodes in plans]
+    kinds = [n["Node Type"] for n in picks[0]]
+    assert "Index Scan" in kinds, kinds
+    assert not {"Sort", "Bitmap Heap Scan", "Bitmap Index Scan", "Seq Scan"} & set(kinds), kinds
+    for nodes in plans:
+        assert "task_executions" not in _seq_scanned(nodes)
+
+
+@pytest.mark.parametrize("limit", [16, 128])
+def test_poll_walks_the_ready_index_on_an_analysed_schema(dsn: str, limit: int) -> None:
+    config = engine_config(dsn, SCHEMA)
+    migrate(config)
+    populate(config, POPULATION)  # ends with VACUUM ANALYZE
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        plans = _executed_plans(conn, "task_poll_and_lease", {**POLL, "worker_id": uuid4(), "limit": limit})
+    _assert_pick_walks_the_ready_index(plans)
+
+
+@pytest.mark.parametrize("limit", [16, 128])
+def test_poll_walks_the_ready_index_before_any_statistics(dsn: str, limit: int) -> None:
+    # a new queue, never analysed: the planner guesses a handful of ready rows and, inline, preferred
+    # reading every ready row through a bitmap and sorting them, on every poll
+    config = engine_config(dsn, SCHEMA)
+    migrate(config)
+    with create_pool(config, min_size=1, max_size=1) as pool:
+        _shapes.start_in_batches(pool, config, _shapes.single(), 3_000)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        plans = _executed_plans(conn, "task_poll_and_lease", {**POLL, "worker_id": uuid4(), "limit": limit})
+    _assert_pick_walks_the_ready_index(plans)
 
 
 def test_lapsed_lease_scan_reads_the_lease_partial_index(explained: dict[str, list[dict[str, Any]]]) -> None:

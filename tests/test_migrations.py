@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -22,7 +23,8 @@ from orchestrator_engine.errors import MigrationError
 from orchestrator_engine.migrator import migrate, migration_lock_key, pending_migrations, yoyo_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-INITIAL = "0001_initial_schema"
+#: every migration the package ships, in the order migrate() applies them
+ALL_MIGRATIONS = sorted(p.stem for p in (REPO_ROOT / "migrations").glob("*.sql"))
 ENGINE_TABLES = {
     "workflow_definitions",
     "workflow_instances",
@@ -43,7 +45,7 @@ def _tables(dsn: str, schema: str) -> set[str]:
 def _applied_ids(dsn: str, schema: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            sql.SQL("SELECT migration_id FROM {}._yoyo_migration ORDER BY applied_at_utc").format(
+            sql.SQL("SELECT migration_id FROM {}._yoyo_migration ORDER BY applied_at_utc, migration_id").format(
                 sql.Identifier(schema)
             )
         ).fetchall()
@@ -73,7 +75,8 @@ def empty_dsn(fresh_database: Callable[..., str]) -> str:
 
 
 def test_migrate_applies_the_initial_schema_to_an_empty_database(empty_dsn: str) -> None:
-    assert migrate(empty_dsn) == [INITIAL]
+    assert ALL_MIGRATIONS[:2] == ["0001_initial_schema", "0002_ready_scan_function"]
+    assert migrate(empty_dsn) == ALL_MIGRATIONS
     assert _tables(empty_dsn, "orchestrator") >= ENGINE_TABLES
     assert _tables(empty_dsn, "public") == set()
 
@@ -81,11 +84,11 @@ def test_migrate_applies_the_initial_schema_to_an_empty_database(empty_dsn: str)
 def test_migrate_twice_applies_nothing_the_second_time(empty_dsn: str) -> None:
     migrate(empty_dsn)
     assert migrate(empty_dsn) == []
-    assert _applied_ids(empty_dsn, "orchestrator") == [INITIAL]
+    assert _applied_ids(empty_dsn, "orchestrator") == ALL_MIGRATIONS
 
 
 def test_pending_migrations_lists_what_migrate_would_apply(empty_dsn: str) -> None:
-    assert pending_migrations(empty_dsn) == [INITIAL]
+    assert pending_migrations(empty_dsn) == ALL_MIGRATIONS
     # asking must not create the schema
     assert _tables(empty_dsn, "orchestrator") == set()
     migrate(empty_dsn)
@@ -94,7 +97,7 @@ def test_pending_migrations_lists_what_migrate_would_apply(empty_dsn: str) -> No
 
 def test_migrate_uses_the_schema_of_an_engine_config(empty_dsn: str) -> None:
     config = EngineConfig(dsn=empty_dsn, schema="from_config")
-    assert migrate(config) == [INITIAL]
+    assert migrate(config) == ALL_MIGRATIONS
     assert pending_migrations(config) == []
     assert _tables(empty_dsn, "from_config") >= ENGINE_TABLES
 
@@ -127,8 +130,8 @@ def test_six_processes_migrating_at_once_apply_the_schema_exactly_once(empty_dsn
             proc.kill()
     assert [proc.returncode for proc in procs] == [0] * 6, [err for _, err in outcomes]
     results = sorted(json.loads(out.strip().splitlines()[-1]) for out, _ in outcomes)
-    assert results == [[]] * 5 + [[INITIAL]]
-    assert _applied_ids(empty_dsn, "orchestrator") == [INITIAL]
+    assert results == [[]] * 5 + [ALL_MIGRATIONS]
+    assert _applied_ids(empty_dsn, "orchestrator") == ALL_MIGRATIONS
     with psycopg.connect(empty_dsn) as conn:
         count = conn.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'workflow_instances'"
@@ -206,15 +209,15 @@ def test_a_killed_migrator_does_not_wedge_the_next_one(killed_migrator: tuple[st
     dsn, held_while_running = killed_migrator
     assert held_while_running == 1
     started = time.monotonic()
-    assert migrate(dsn, lock_timeout=timedelta(seconds=5)) == [INITIAL]
+    assert migrate(dsn, lock_timeout=timedelta(seconds=5)) == ALL_MIGRATIONS
     # yoyo's own lock would make us wait its 10 s timeout and then fail
     assert time.monotonic() - started < 5
-    assert _applied_ids(dsn, "orchestrator") == [INITIAL]
+    assert _applied_ids(dsn, "orchestrator") == ALL_MIGRATIONS
 
 
 def test_schemas_in_one_database_are_isolated(empty_dsn: str) -> None:
-    assert migrate(empty_dsn, schema="a_one") == [INITIAL]
-    assert migrate(empty_dsn, schema="a_two") == [INITIAL]
+    assert migrate(empty_dsn, schema="a_one") == ALL_MIGRATIONS
+    assert migrate(empty_dsn, schema="a_two") == ALL_MIGRATIONS
     with psycopg.connect(empty_dsn) as conn:
         conn.execute(
             "INSERT INTO a_one.workflow_definitions (namespace, name, version, definition, content_hash)"
@@ -227,10 +230,44 @@ def test_schemas_in_one_database_are_isolated(empty_dsn: str) -> None:
             for schema in ("a_one", "a_two")
         ]
     assert counts == [(1,), (0,)]
-    assert _applied_ids(empty_dsn, "a_one") == [INITIAL]
-    assert _applied_ids(empty_dsn, "a_two") == [INITIAL]
+    with psycopg.connect(empty_dsn) as conn:
+        # the poll's function reads the tables of the schema it was created in, whatever the caller's path
+        paths = conn.execute(
+            "SELECT n.nspname, p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE p.proname = 'next_ready_executions' ORDER BY 1"
+        ).fetchall()
+    assert [(schema, f"search_path={schema}" in config) for schema, config in paths] == [
+        ("a_one", True),
+        ("a_two", True),
+    ]
+    assert _applied_ids(empty_dsn, "a_one") == ALL_MIGRATIONS
+    assert _applied_ids(empty_dsn, "a_two") == ALL_MIGRATIONS
     assert _tables(empty_dsn, "public") == set()
     assert migration_lock_key("a_one") != migration_lock_key("a_two")
+
+
+def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn: str) -> None:
+    # a host that ran 0001 only, with a workflow waiting: migrate() adds the rest, and the poll (which
+    # calls 0002's function) leases the waiting task
+    from orchestrator_engine import StartWorkflowRequest, TaskCoordinator, TaskDefinition
+    from orchestrator_engine import WorkflowCoordinator, WorkflowDefinition, create_pool
+    from orchestrator_engine.migrator import _open_backend, _read_migrations
+
+    config = EngineConfig(dsn=empty_dsn, schema="upgraded")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA upgraded")
+    with _open_backend(empty_dsn, "upgraded") as backend:
+        backend.apply_migrations(backend.to_apply(_read_migrations().filter(lambda m: m.id == ALL_MIGRATIONS[0])))
+    assert _applied_ids(empty_dsn, "upgraded") == ALL_MIGRATIONS[:1]
+    definition = WorkflowDefinition("ns", "wf", [TaskDefinition("t", task_type="work")])
+    with create_pool(config, min_size=1, max_size=2) as pool:
+        wc = WorkflowCoordinator(pool, config)
+        wc.register_workflow(definition)
+        started = wc.start_workflow(StartWorkflowRequest("ns", "wf", "run-1", {"n": 1}))
+
+        assert migrate(config) == ALL_MIGRATIONS[1:]
+        leased = TaskCoordinator(pool, config).poll_tasks(uuid4(), task_types=["work"], limit=5)
+    assert [e.workflow_instance_id for e in leased] == [started.instance_id]
 
 
 def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:

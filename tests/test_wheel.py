@@ -41,7 +41,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_ships_migrations_and_sql_inside_the_package(wheel: Path) -> None:
     names = ZipFile(wheel).namelist()
-    assert "orchestrator_engine/migrations/0001_initial_schema.sql" in names
+    shipped = {f"orchestrator_engine/migrations/{p.name}" for p in (REPO_ROOT / "migrations").glob("*.sql")}
+    assert "orchestrator_engine/migrations/0001_initial_schema.sql" in shipped
+    assert shipped <= set(names)
     assert "orchestrator_engine/migrator.py" in names
     expected_sql = {
         f"orchestrator_engine/sql/{p.name}" for p in (REPO_ROOT / "orchestrator_engine" / "sql").glob("*.sql")
@@ -92,5 +94,5 @@ def test_installed_wheel_migrates_an_empty_database(
     )
     assert result.returncode == 0, result.stderr
     applied, module_file = result.stdout.strip().splitlines()[-2:]
-    assert applied == "['0001_initial_schema']"
+    assert applied == str(sorted(p.stem for p in (REPO_ROOT / "migrations").glob("*.sql")))
     assert Path(module_file).is_relative_to(site_packages)

@@ -75,9 +75,14 @@ SELECT g.*, (SELECT count(*) FROM lease) AS leases_written FROM granted g
 -- name: task_poll_and_lease
 -- Pick the oldest ready executions, lease them, write one TASK_STARTED event each and advance each
 -- instance's sequence, all in one statement.
--- The pick reads the ready index alone (ORDER BY ready_at LIMIT n), a plan no statistics can spoil:
--- READY rows of a workflow that is not running (paused, failed) are parked with ready_at NULL, so
--- every ready row the index yields belongs to a runnable instance; the state is still re-checked.
+-- The pick is next_ready_executions (migration 0002): the oldest ready rows, read from the ready index
+-- in order (ORDER BY ready_at LIMIT n), locked with SKIP LOCKED. A function, because only a function
+-- can carry the planner settings that make that plan hold with no or stale statistics. READY rows of
+-- a workflow that is not running (paused, failed) are parked with ready_at NULL, so every ready row the
+-- index yields belongs to a runnable instance; the state is still re-checked.
+-- The function reads with its own, newer snapshot; the primary-key probe keeps only the rows this
+-- statement's snapshot sees too, so every row counted below is one the UPDATE reaches (a row a start
+-- or a retry committed in between stays READY, for the next poll).
 -- A poller never waits: it locks executions, then their instance rows, with SKIP LOCKED, so it cannot
 -- be part of a cycle of waits and never queues behind a busy instance (a worker that comes back short
 -- re-polls soon). Row locking re-reads the newest committed instance row, so seq0 is current.
@@ -85,14 +90,11 @@ SELECT g.*, (SELECT count(*) FROM lease) AS leases_written FROM granted g
 -- through LATERAL (one probe each), advanced through an `= ANY(ARRAY(...))` condition; a join the
 -- planner may cost against a whole table would scan it when it is small, batch after batch.
 WITH candidates AS MATERIALIZED (
-    SELECT e.execution_id, e.workflow_instance_id, e.ready_at
-    FROM {schema}.task_executions e
-    WHERE e.state = 'READY' AND e.ready_at <= now()
-      AND (%(namespace)s::text IS NULL OR e.namespace = %(namespace)s::text)
-      AND (%(task_types)s::text[] IS NULL OR e.task_type = ANY(%(task_types)s::text[]))
-    ORDER BY e.ready_at
-    LIMIT %(limit)s
-    FOR NO KEY UPDATE SKIP LOCKED
+    SELECT c.execution_id, c.workflow_instance_id, c.ready_at
+    FROM {schema}.next_ready_executions(%(namespace)s::text, %(task_types)s::text[], %(limit)s::integer) c
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM {schema}.task_executions x WHERE x.execution_id = c.execution_id OFFSET 0
+    ) seen
 ), picked AS MATERIALIZED (
     SELECT c.execution_id, c.workflow_instance_id, c.ready_at, w.sequence_number AS seq0
     FROM candidates c
@@ -111,12 +113,14 @@ WITH candidates AS MATERIALIZED (
     -- the grant's fence is one more than the execution's last: every grant of an execution updates
     -- this row while holding its lock, so the tokens strictly increase; the lease row gets the same
     -- token below. The event's sequence number comes back too, so no CTE is joined again downstream.
+    -- The `= ANY(ARRAY(...))` condition makes the rows a primary-key probe whatever the estimates.
     UPDATE {schema}.task_executions e
     SET state = 'RUNNING', lease_holder = %(worker_id)s,
         lease_expires_at = now() + LEAST(%(lease)s::interval, COALESCE(e.timeout, %(lease)s::interval)),
         fence_token = e.fence_token + 1, started_at = now(), deadline_at = now() + e.timeout
     FROM numbered n
     WHERE e.execution_id = n.execution_id
+      AND e.execution_id = ANY(ARRAY(SELECT n2.execution_id FROM numbered n2))
     RETURNING e.*, n.seq0 + n.rn AS event_sequence
 ), lease AS (
     INSERT INTO {schema}.execution_leases AS l (lease_key, workflow_instance_id, holder_id, expires_at, fence_token)

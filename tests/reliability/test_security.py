@@ -54,6 +54,7 @@ PACKAGE = Path(orchestrator_engine.__file__).resolve().parent
 REPO_ROOT = PACKAGE.parent
 SECURITY_DOC = REPO_ROOT / "docs" / "security.md"
 SCHEMA = "orchestrator"
+ALL_MIGRATIONS = sorted(p.stem for p in (REPO_ROOT / "migrations").glob("*.sql"))
 SETTLE = 30.0
 NO_RETRY = RetryPolicy(max_attempts=1, initial_interval=timedelta(0), jitter=0)
 
@@ -416,7 +417,7 @@ def test_engine_runs_under_the_documented_least_privilege_runtime_role(
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(render(doc_sql_block("roles"), names).encode())
     migrator_dsn, runtime_dsn = as_role(admin, migrator), as_role(admin, runtime)
-    assert migrate(migrator_dsn) == ["0001_initial_schema"]
+    assert migrate(migrator_dsn) == ALL_MIGRATIONS
     with psycopg.connect(migrator_dsn, autocommit=True) as conn:
         conn.execute(render(doc_sql_block("grants"), names).encode())
 
@@ -689,7 +690,7 @@ def test_no_password_or_payload_reaches_logs_or_error_messages(
             )
         )
     )
-    assert migrate(config) == ["0001_initial_schema"]
+    assert migrate(config) == ALL_MIGRATIONS
     pool = create_pool(config, max_size=6)
     try:
         wc, tc = WorkflowCoordinator(pool, config), TaskCoordinator(pool, config)
