@@ -17,6 +17,7 @@ from psycopg import sql
 
 from orchestrator_engine import EngineConfig, StartWorkflowRequest, TaskCoordinator, create_pool
 from orchestrator_engine.coordinators.workflow import _StartBatch
+from orchestrator_engine.repositories.executions import ExecutionRepository
 from orchestrator_engine.repositories.instances import InstanceRepository
 from orchestrator_engine.sql import queries, raw_queries
 
@@ -91,14 +92,9 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
             "lease": LEASE,
         },
         # completion and failure of a batch of results, one statement (here a batch of one)
-        "task_finish_if_fenced": {
-            "worker_id": sample.worker_id,
-            "execution_ids": [sample.execution_id],
-            "fence_tokens": [sample.fence_token],
-            "states": ["COMPLETED"],
-            "outputs": ["null"],
-            "errors": [None],
-        },
+        "task_finish_if_fenced": ExecutionRepository.finish_parameters(
+            sample.worker_id, [(sample.execution_id, sample.fence_token, "COMPLETED", "null", None)]
+        ),
         "task_release_dependents": {
             "instance_ids": [sample.instance_id],
             "task_ids": ["a"],

@@ -16,6 +16,7 @@ from .. import telemetry
 from ..config import EngineConfig
 from ..errors import FencingError, InvalidStateError, OrchestratorError, PayloadError, TaskNotFoundError
 from ..models import DISPATCHABLE, EventType, TaskExecution, WorkflowState, execution_from_row
+from ..repositories.executions import FinishResult
 from ..telemetry import traced
 from ._engine import Engine
 from ._ids import as_name, as_uuid
@@ -36,7 +37,7 @@ _INSTANCE_COLUMNS = (
     "pending_compensations",
 )
 #: one result to record: (execution_id, fence_token, state, output text, error text)
-_Result = tuple[UUID, int, str, str | None, str | None]
+_Result = FinishResult
 
 
 def _fence(value: object) -> int:
@@ -285,15 +286,7 @@ class TaskCoordinator:
         fences, one releases the dependents of every completed task, one writes every instance."""
         repos = self._engine.repos
         unique = list({r[0]: r for r in reversed(results)}.values())  # the first of repeated ids wins
-        rows = repos.executions.task_finish_if_fenced(
-            c,
-            worker_id=wid,
-            execution_ids=[r[0] for r in unique],
-            fence_tokens=[r[1] for r in unique],
-            states=[r[2] for r in unique],
-            outputs=[r[3] for r in unique],
-            errors=[r[4] for r in unique],
-        )
+        rows = repos.executions.task_finish_if_fenced(c, wid, unique)
         outcome: dict[UUID, Row | OrchestratorError] = {}
         units: dict[UUID, InstanceUnit] = {}
         finished: list[tuple[InstanceUnit, Row]] = []

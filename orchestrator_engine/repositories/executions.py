@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
 import psycopg
 
 from .base import Repository, Row
+
+#: one result for task_finish_if_fenced: (execution_id, fence_token, state, output JSON, error JSON)
+FinishResult = tuple[UUID, int, str, str | None, str | None]
+_FINISHED_STATES = ("COMPLETED", "FAILED")
 
 
 class ExecutionRepository(Repository):
@@ -57,8 +62,32 @@ class ExecutionRepository(Repository):
         params = {"execution_id": execution_id, "error": error, "lapse": lapse}
         return self._one(conn, "task_fail_if_lapsed", params)
 
-    def task_finish_if_fenced(self, conn: psycopg.Connection[Any], **params: Any) -> list[Row]:
-        return self._all(conn, "task_finish_if_fenced", params)
+    def task_finish_if_fenced(
+        self, conn: psycopg.Connection[Any], worker_id: UUID, results: Sequence[FinishResult]
+    ) -> list[Row]:
+        """Finish results ``(execution_id, fence_token, state, output, error)`` held by ``worker_id``."""
+        return self._all(conn, "task_finish_if_fenced", self.finish_parameters(worker_id, results))
+
+    @staticmethod
+    def finish_parameters(worker_id: UUID, results: Sequence[FinishResult]) -> dict[str, Any]:
+        """Return task_finish_if_fenced's parameters: the results as one JSON array.
+
+        Outputs and errors arrive as JSON text (the engine's encoder made them) and are spliced in as
+        they are: not escaped into strings to be parsed twice, nor sent as arrays, which psycopg dumps
+        element by element in Python. A result without an output (or error) leaves the key out, which
+        the statement reads as NULL, so an output that is JSON ``null`` stays distinct from none.
+        """
+        items = []
+        for execution_id, fence_token, state, output, error in results:
+            if state not in _FINISHED_STATES or not isinstance(execution_id, UUID):
+                raise ValueError(f"not a finishable result: {execution_id!r} {state!r}")
+            item = f'{{"e":"{execution_id}","t":{int(fence_token)},"s":"{state}"'
+            if output is not None:
+                item += f',"o":{output}'
+            if error is not None:
+                item += f',"x":{error}'
+            items.append(item + "}")
+        return {"worker_id": worker_id, "results": "[" + ",".join(items) + "]"}
 
     def task_renew_many_if_held(
         self, conn: psycopg.Connection[Any], execution_ids: list[UUID], worker_id: UUID, lease: timedelta

@@ -195,15 +195,17 @@ SELECT * FROM finished
 -- as lease renewal takes them. Each lock is taken by a LATERAL primary-key probe driven by the sorted
 -- `batch`, so the nested loop takes the locks in that order, and no plan, whatever the table sizes
 -- and statistics, scans a whole table. Each row carries its instance (w_* columns) from the lock on.
-WITH req AS (
-    SELECT r.execution_id, r.fence_token, r.state, r.output::jsonb AS output, r.error::jsonb AS error
-    FROM unnest(%(execution_ids)s::uuid[], %(fence_tokens)s::numeric[], %(states)s::text[],
-                %(outputs)s::text[], %(errors)s::text[]) AS r(execution_id, fence_token, state, output, error)
+-- The batch is one JSON array of objects: "e" execution id, "t" fence token, "s" state, "o" output,
+-- "x" error (see ExecutionRepository.finish_parameters); a missing "o" or "x" reads as NULL.
+WITH req AS MATERIALIZED (
+    SELECT (r->>'e')::uuid AS execution_id, (r->>'t')::numeric AS fence_token, r->>'s' AS state,
+           r->'o' AS output, r->'x' AS error
+    FROM jsonb_array_elements(%(results)s::jsonb) AS r
 ), batch AS MATERIALIZED (
     SELECT x.execution_id, x.workflow_instance_id, q.fence_token, q.state, q.output, q.error
     FROM {schema}.task_executions x
     JOIN req q ON q.execution_id = x.execution_id
-    WHERE x.execution_id = ANY(%(execution_ids)s::uuid[])
+    WHERE x.execution_id = ANY(ARRAY(SELECT q2.execution_id FROM req q2))
     ORDER BY x.workflow_instance_id, x.execution_id
 ), locked AS MATERIALIZED (
     SELECT b.execution_id, b.fence_token, b.state, b.output, b.error,

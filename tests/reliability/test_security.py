@@ -280,7 +280,7 @@ def test_sql_files_interpolate_only_placeholders_and_the_schema() -> None:
         problems += [p for p in _sql_problems(f.name, text) if "dynamic" in p]
     assert not problems, "\n".join(problems)
     placeholders = {p for f in files for p in _PLACEHOLDER.findall(f.read_text(encoding="utf-8"))}
-    assert {"instance_id", "execution_id", "fence_tokens", "worker_id"} <= placeholders
+    assert {"instance_id", "execution_id", "results", "worker_id"} <= placeholders
 
 
 def test_sql_scan_catches_interpolation() -> None:
