@@ -4,16 +4,20 @@ Nothing here imports opentelemetry until the first span or metric is asked for, 
 is installed. Until the host sets a provider (an SDK's, through the API's ``set_*_provider`` or the
 ``OTEL_PYTHON_*_PROVIDER`` variables) the API would hand out no-op tracers and meters; the engine
 then skips building spans and attributes altogether, a cost a worker would otherwise pay per task.
-It asks again on every call, so a provider set later is used from then on.
+It asks again on every call, so a provider set later is used from then on: cheaply, by reading the
+API's provider global (one attribute) rather than calling ``get_*_provider``, which also looks up an
+environment variable every time; a provider named by those variables is found if they were set before
+the engine first asked. Providers are set once, so once one is seen it is not asked about again.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,11 +28,19 @@ _loaded = False
 _trace: Any = None
 _metrics: Any = None
 _instruments: dict[str, Any] = {}
+#: whether a real (SDK) tracer / meter provider has been seen; providers are set once in OTel
+_tracer_set = False
+_meter_set = False
+#: whether OTEL_PYTHON_TRACER_PROVIDER / OTEL_PYTHON_METER_PROVIDER were set when OTel was loaded
+_env_tracer = False
+_env_meter = False
+#: what a private attribute of the OTel API reads as when this version of the API has no such name
+_MISSING = object()
 
 
 def _otel() -> Any:
     """Return the opentelemetry.trace module, or None when the extra is not installed."""
-    global _loaded, _trace, _metrics
+    global _loaded, _trace, _metrics, _env_tracer, _env_meter
     if not _loaded:
         with _lock:
             if not _loaded:
@@ -40,27 +52,51 @@ def _otel() -> Any:
                 except ImportError:
                     module = meters = None
                 _trace, _metrics = module, meters
+                _env_tracer = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+                _env_meter = "OTEL_PYTHON_METER_PROVIDER" in os.environ
                 _loaded = True
     return _trace
 
 
 def _tracing() -> Any:
     """Return opentelemetry.trace when spans are recorded: installed, and a tracer provider is set."""
+    global _tracer_set
+    if _tracer_set:
+        return _trace
     trace = _otel()
-    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    if trace is None or _unset(trace, "_TRACER_PROVIDER", _env_tracer):
+        return None
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return None  # the API's stand-in until a provider is set: every span would be a no-op
+    _tracer_set = True
     return trace
 
 
 def _metering() -> Any:
     """Return opentelemetry.metrics when measurements are recorded: installed, and a meter provider is set."""
+    global _meter_set
+    if _meter_set:
+        return _metrics
     if _otel() is None:
+        return None
+    internal = getattr(_metrics, "_internal", None)
+    if internal is not None and _unset(internal, "_METER_PROVIDER", _env_meter):
         return None
     # the API's stand-in until a provider is set (a private class: should its name change, the engine
     # only goes back to handing its measurements to the no-op stand-in)
     if type(_metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider":
         return None
+    _meter_set = True
     return _metrics
+
+
+def _unset(module: Any, name: str, from_env: bool) -> bool:
+    """Tell, by one attribute read, that the API's global provider ``name`` is surely not set yet.
+
+    False means "ask the API": the provider is set, the environment names one, or this version of the
+    API keeps it under another name (then every call pays the API's own, slower check).
+    """
+    return not from_env and getattr(module, name, _MISSING) is None
 
 
 def enabled() -> bool:
@@ -68,14 +104,23 @@ def enabled() -> bool:
     return _otel() is not None
 
 
-@contextmanager
-def span(name: str, **attributes: Any) -> Iterator[Any]:
-    """Open a span named ``name`` when spans are recorded (see ``_tracing``); otherwise do nothing."""
+def span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
+    """Open a span named ``name`` when spans are recorded (see ``_tracing``); otherwise do nothing.
+
+    The context manager yields the span, or None when none is recorded.
+    """
     trace = _tracing()
     if trace is None:
-        with nullcontext() as nothing:
-            yield nothing
-        return
+        return _NO_SPAN
+    return _span(trace, name, attributes)
+
+
+#: what ``span`` returns while no span is recorded: one shared, reusable no-op
+_NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
+@contextmanager
+def _span(trace: Any, name: str, attributes: dict[str, Any]) -> Iterator[Any]:
     tracer = trace.get_tracer(SCOPE)
     clean = {k: str(v) if not isinstance(v, (bool, int, float, str)) else v for k, v in attributes.items()}
     with tracer.start_as_current_span(name, attributes=clean) as current:

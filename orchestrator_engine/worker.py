@@ -42,6 +42,8 @@ BUSY_WINDOW = 1.0
 RESULT_RETRIES = 8
 #: results waiting for their group commit may hold this many times ``concurrency`` leases in all
 PIPELINE_DEPTH = 2
+#: guards the first use of a TaskContext's lease_lost event (made lazily)
+_LEASE_LOST_LOCK = threading.Lock()
 
 
 @dataclass
@@ -64,9 +66,25 @@ class TaskContext:
     def __init__(self, worker: Worker, execution: TaskExecution) -> None:
         self._worker = worker
         self.execution = execution
-        self.lease_lost = threading.Event()
+        self._lease_lost: threading.Event | None = None  # made on first use: most tasks never ask
         self.output: Any = None
         self._completed_in_transaction = False
+
+    @property
+    def lease_lost(self) -> threading.Event:
+        """Set when this lease is lost (a renewal refused, a stale fence): check it or wait on it."""
+        event = self._lease_lost
+        if event is None:
+            with _LEASE_LOST_LOCK:
+                if self._lease_lost is None:
+                    self._lease_lost = threading.Event()
+                event = self._lease_lost
+        return event
+
+    def _lost(self) -> bool:
+        """Tell whether the lease is known lost, without making the event."""
+        event = self._lease_lost
+        return event is not None and event.is_set()
 
     @property
     def input(self) -> Any:
@@ -369,7 +387,7 @@ class Worker:
             if ctx._completed_in_transaction:
                 self.stats.completed += 1
                 return
-            if ctx.lease_lost.is_set():
+            if ctx._lost():
                 self._drop(ctx, "its lease was lost while the handler ran")
                 return
             # the slot frees now; the completer thread records the result with others in one commit
@@ -391,7 +409,7 @@ class Worker:
     def _report_failure(self, ctx: TaskContext, error: Any) -> None:
         """Record a failed attempt under the fence, resending after connection trouble."""
         execution = ctx.execution
-        if ctx.lease_lost.is_set():
+        if ctx._lost():
             self._drop(ctx, "its lease was lost while the handler ran")
             return
         try:
@@ -457,7 +475,7 @@ class Worker:
                 log.warning("worker %s lease renewal failed: %s", self.worker_id, type(exc).__name__)
                 continue
             for eid, ctx in held.items():
-                if eid not in renewed and not ctx.lease_lost.is_set():
+                if eid not in renewed and not ctx._lost():
                     with self._inflight_lock:
                         still_running = eid in self._inflight
                     if still_running:
@@ -539,7 +557,7 @@ class _GroupCompleter:
         worker = self._worker
         live = []
         for ctx, value in batch:
-            if ctx.lease_lost.is_set():
+            if ctx._lost():
                 worker._drop(ctx, "its lease was lost while the handler ran")
                 worker._finished(ctx)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -125,3 +126,19 @@ def test_spans_are_skipped_until_the_host_sets_a_tracer_provider() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:3] == ["True", "False", "['after']"]
+
+
+def test_a_provider_named_by_the_environment_is_used_from_the_first_span() -> None:
+    # the engine's cheap "no provider yet" check must not hide one the OTEL_PYTHON_* variables name
+    code = (
+        "from orchestrator_engine import telemetry\n"
+        "with telemetry.span('first', a=1) as current: print(current is None)\n"
+        "print(telemetry._metering() is not None)\n"
+    )
+    env = {
+        **os.environ,
+        "OTEL_PYTHON_TRACER_PROVIDER": "sdk_tracer_provider",
+        "OTEL_PYTHON_METER_PROVIDER": "sdk_meter_provider",
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split("\n")[:2] == ["False", "True"]
