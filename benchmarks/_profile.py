@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Drain single-task workflows and show where database time and CPU go.",
     )
     parser.add_argument("--dsn", help="a server with pg_stat_statements preloaded; default: embedded")
-    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--tasks", type=int, default=10_000, help="workflows to start and drain")
+    parser.add_argument(
+        "--shape", choices=("single", "chain"), default="single", help="single-task or 3-task chain workflows"
+    )
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--analyze", action="store_true", help="VACUUM ANALYZE the queue before draining")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         config = fresh_schema(dsn, SCHEMA)
         with create_pool(config, min_size=1, max_size=2) as pool:
-            _shapes.start_in_batches(pool, config, _shapes.single(), args.tasks)
+            _shapes.start_in_batches(pool, config, getattr(_shapes, args.shape)(), args.tasks)
         if args.analyze:
             vacuum_analyze(dsn, SCHEMA)
         with psycopg.connect(dsn, autocommit=True) as conn:
