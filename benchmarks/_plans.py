@@ -154,8 +154,9 @@ def explain(conn: psycopg.Connection[Any], name: str, schema: str, params: dict[
         rows = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params).fetchall()
     executed = "\n".join(str(r[0]) for r in rows)
     generic = generic_plan(conn, text)
-    # the plans of statements run inside functions (the poll's pick): EXPLAIN shows a Function Scan
-    inner = auto_explained(conn, query, params)[:-1]
+    # the plans of statements run inside functions (the poll's pick): EXPLAIN shows a Function Scan.
+    # Foreign-key checks are nested statements too (one per inserted row); they are left out.
+    inner = [p for p in auto_explained(conn, query, params)[:-1] if "Query Text: SELECT 1 FROM ONLY" not in p]
     shown = {k: _short(v) for k, v in params.items()}
     return "\n".join(
         [
@@ -190,7 +191,9 @@ def auto_explained(
     notices: list[str] = []
     conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
     conn.execute("LOAD 'auto_explain'")
-    settings = {"log_min_duration": "0", "log_nested_statements": "on", "log_format": fmt, "log_level": "notice"}
+    # log_min_duration last: a statement is explained only if auto_explain was on when it started, so
+    # none of these set_config calls is
+    settings = {"log_nested_statements": "on", "log_format": fmt, "log_level": "notice", "log_min_duration": "0"}
     with conn.transaction(force_rollback=True):
         for setting, value in settings.items():
             conn.execute("SELECT set_config(%s, %s, true)", (f"auto_explain.{setting}", value))
