@@ -193,7 +193,12 @@ def auto_explained(
     conn.execute("LOAD 'auto_explain'")
     # log_min_duration last: a statement is explained only if auto_explain was on when it started, so
     # none of these set_config calls is
-    settings = {"log_nested_statements": "on", "log_format": fmt, "log_level": "notice", "log_min_duration": "0"}
+    settings = {
+        "log_nested_statements": "on",
+        "log_format": fmt,
+        "log_level": "notice",
+        "log_min_duration": "0",
+    }
     with conn.transaction(force_rollback=True):
         for setting, value in settings.items():
             conn.execute("SELECT set_config(%s, %s, true)", (f"auto_explain.{setting}", value))

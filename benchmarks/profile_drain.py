@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Profile a drain: database time per statement (pg_stat_statements), CPU per side, Python stacks.
 
-python benchmarks/profile_drain.py [--tasks N] [--shape single|chain] [--processes P] [--analyze] [--py-spy DIR] [--dsn DSN]
+python benchmarks/profile_drain.py [--tasks N] [--shape single|chain] [--processes P] [--analyze]
+    [--py-spy DIR] [--dsn DSN]
 
 Without --dsn it starts an embedded PostgreSQL with pg_stat_statements preloaded (the wheel ships it).
 --py-spy needs `pip install py-spy` and permission to attach to the worker processes.

@@ -79,7 +79,9 @@ def _seq_scanned(nodes: list[dict[str, Any]]) -> set[str]:
     return {n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"}
 
 
-def _executed_plans(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[list[dict[str, Any]]]:
+def _executed_plans(
+    conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
+) -> list[list[dict[str, Any]]]:
     """Run statement ``name`` (rolled back); return the nodes of every plan it ran, functions' included."""
     plans = auto_explained(conn, queries(SCHEMA)[name], params, fmt="json")
     return [list(_nodes(json.loads(plan)["Plan"])) for plan in plans]

@@ -72,18 +72,21 @@ def test_a_batch_stores_each_output_as_sent_and_no_output_for_a_failure(
 ) -> None:
     # the batch travels as one JSON document that splices each output in as it is: an output that is
     # JSON null, a string with quotes and backslashes, and a nested document all come back as sent
-    wc, tc = _start(pool, engine_config, 1)
+    _, tc = _start(pool, engine_config, 1)
     worker = uuid.uuid4()
     leased = tc.poll_tasks(worker, limit=10)
     outputs: list[Any] = [None, 'say "hi" \\ bye', {"a": [1, 2.5, {"b": None}]}, "", 0, []]
-    outcome = tc.complete_tasks(worker, [(e.execution_id, e.fence_token, o) for e, o in zip(leased, outputs)])
+    outcome = tc.complete_tasks(
+        worker, [(e.execution_id, e.fence_token, o) for e, o in zip(leased, outputs, strict=False)]
+    )
     assert [outcome[e.execution_id].output for e in leased[:6]] == outputs  # type: ignore[union-attr]
     failed = tc.fail_task(leased[6].execution_id, worker, leased[6].fence_token, "boom")
     assert failed.state is TaskState.FAILED
     with psycopg.connect(dsn) as conn:
-        stored = dict(
+        stored: dict[uuid.UUID, bool] = dict(
             conn.execute(
-                "SELECT execution_id, output IS NULL FROM orchestrator.task_executions WHERE execution_id = ANY(%s)",
+                "SELECT execution_id, output IS NULL FROM orchestrator.task_executions"
+                " WHERE execution_id = ANY(%s)",
                 ([e.execution_id for e in leased],),
             ).fetchall()
         )

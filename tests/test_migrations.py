@@ -45,9 +45,9 @@ def _tables(dsn: str, schema: str) -> set[str]:
 def _applied_ids(dsn: str, schema: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            sql.SQL("SELECT migration_id FROM {}._yoyo_migration ORDER BY applied_at_utc, migration_id").format(
-                sql.Identifier(schema)
-            )
+            sql.SQL(
+                "SELECT migration_id FROM {}._yoyo_migration ORDER BY applied_at_utc, migration_id"
+            ).format(sql.Identifier(schema))
         ).fetchall()
     return [row[0] for row in rows]
 
@@ -249,15 +249,23 @@ def test_schemas_in_one_database_are_isolated(empty_dsn: str) -> None:
 def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn: str) -> None:
     # a host that ran 0001 only, with a workflow waiting: migrate() adds the rest, and the poll (which
     # calls 0002's function) leases the waiting task
-    from orchestrator_engine import StartWorkflowRequest, TaskCoordinator, TaskDefinition
-    from orchestrator_engine import WorkflowCoordinator, WorkflowDefinition, create_pool
+    from orchestrator_engine import (
+        StartWorkflowRequest,
+        TaskCoordinator,
+        TaskDefinition,
+        WorkflowCoordinator,
+        WorkflowDefinition,
+        create_pool,
+    )
     from orchestrator_engine.migrator import _open_backend, _read_migrations
 
     config = EngineConfig(dsn=empty_dsn, schema="upgraded")
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA upgraded")
     with _open_backend(empty_dsn, "upgraded") as backend:
-        backend.apply_migrations(backend.to_apply(_read_migrations().filter(lambda m: m.id == ALL_MIGRATIONS[0])))
+        backend.apply_migrations(
+            backend.to_apply(_read_migrations().filter(lambda m: m.id == ALL_MIGRATIONS[0]))
+        )
     assert _applied_ids(empty_dsn, "upgraded") == ALL_MIGRATIONS[:1]
     definition = WorkflowDefinition("ns", "wf", [TaskDefinition("t", task_type="work")])
     with create_pool(config, min_size=1, max_size=2) as pool:
