@@ -346,6 +346,84 @@ def test_pollers_racing_completions_of_the_same_instances_lose_no_sequence_updat
     assert report.ok, report.violations
 
 
+# -- 6e. a retry committed while a poll is already running ---------------------------------------------
+
+#: next_ready_executions as migration 0002 makes it, with a pause before its query: the pause opens the
+#: window between the poll statement's snapshot and the function's own, newer one
+SLOW_PICK = """
+CREATE OR REPLACE FUNCTION orchestrator.next_ready_executions(
+    p_namespace text, p_task_types text[], p_limit integer)
+RETURNS TABLE (execution_id uuid, workflow_instance_id uuid, ready_at timestamptz)
+LANGUAGE plpgsql VOLATILE ROWS 100
+SET search_path = orchestrator SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+BEGIN
+    PERFORM pg_sleep(%s);
+    RETURN QUERY
+    SELECT e.execution_id, e.workflow_instance_id, e.ready_at
+    FROM task_executions e
+    WHERE e.state = 'READY' AND e.ready_at <= now()
+      AND (p_namespace IS NULL OR e.namespace = p_namespace)
+      AND (p_task_types IS NULL OR e.task_type = ANY(p_task_types))
+    ORDER BY e.ready_at
+    LIMIT p_limit
+    FOR NO KEY UPDATE OF e SKIP LOCKED;
+END
+$$
+"""
+
+
+def test_a_poll_skips_a_retry_committed_after_it_started_and_keeps_the_sequence_gapless(
+    dsn: str, wc: WorkflowCoordinator, tc: TaskCoordinator, fault_log: FaultLog
+) -> None:
+    # The retry's transaction starts before the poll (so its ready_at is before the poll's now()) and
+    # commits while the poll's pick is paused: the pick, reading with its own snapshot, finds and locks
+    # the retry, but the poll statement's snapshot predates it. Counting that row would advance the
+    # instance's sequence past an event nobody writes; the poll must leave it for the next poll.
+    pause = 0.6
+    wc.register_workflow(SOLO)
+    [instance_id] = start(wc, SOLO, 1)
+    first_worker, second_worker = uuid.uuid4(), uuid.uuid4()
+    [attempt1] = tc.poll_tasks(first_worker, limit=1)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(SLOW_PICK % pause)
+    polled: list[list[TaskExecution]] = []
+    failures: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            polled.append(tc.poll_tasks(second_worker, limit=5))
+        except BaseException as exc:
+            failures.append(exc)
+
+    with psycopg.connect(dsn) as host, host.transaction():
+        tc.fail_task(attempt1.execution_id, first_worker, attempt1.fence_token, "boom", conn=host)
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        time.sleep(pause / 3)  # the poll statement has begun; its pick is paused
+    poller.join(JOIN_TIMEOUT)  # the retry committed above, while the pick was paused
+    fault_log.record_fault("race", 1)
+    fault_log.record_workflows(1)
+
+    assert not poller.is_alive()
+    assert failures == []
+    assert polled == [[]]  # the retry exists for the pick, not for the statement that would lease it
+    report = fault_log.check(dsn, require_finished=False)  # the gapless event log among them
+    assert report.ok, report.violations
+    [attempt2] = tc.poll_tasks(second_worker, limit=5)  # the next poll leases it, pause and all
+    assert (attempt2.workflow_instance_id, attempt2.attempt_number) == (instance_id, 2)
+    tc.complete_task(attempt2.execution_id, second_worker, attempt2.fence_token, {"ok": True})
+    assert wc.get_workflow(instance_id).state is W.COMPLETED
+    sequences = fetch(
+        dsn,
+        "SELECT sequence_number FROM orchestrator.events WHERE workflow_instance_id = %s ORDER BY 1",
+        (instance_id,),
+    )
+    assert [s for (s,) in sequences] == list(range(1, len(sequences) + 1))
+    report = fault_log.check(dsn, require_finished=True)
+    assert report.ok, report.violations
+
+
 # -- 6c. migrators racing on an empty database --------------------------------------------------------
 
 MIGRATOR = """
