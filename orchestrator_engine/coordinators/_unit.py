@@ -53,6 +53,7 @@ class InstanceUnit:
         self.row = row
         self.definition = definition
         self.instance_id: UUID = row["instance_id"]
+        self._iid = str(self.instance_id)  # formatted once: every event and key of the unit carries it
         self.state = W(row["state"])
         self.expected: int = row["sequence_number"]
         self.pending_tasks: int = row["pending_tasks"]
@@ -69,13 +70,11 @@ class InstanceUnit:
         name = event_type.value if isinstance(event_type, EventType) else event_type
         self.events.append(
             {
-                "workflow_instance_id": str(self.instance_id),
+                "workflow_instance_id": self._iid,
                 "sequence_number": seq,
                 "event_type": name,
                 "payload": payload,
-                "idempotency_key": f"{self.instance_id}:{key}"
-                if key
-                else f"{self.instance_id}:{name.lower()}:{seq}",
+                "idempotency_key": f"{self._iid}:{key}" if key else f"{self._iid}:{name.lower()}:{seq}",
             }
         )
 
@@ -104,7 +103,7 @@ class InstanceUnit:
     def plan(self) -> dict[str, Any]:
         """Describe this unit's instance update for ``workflow_update_if_sequence``."""
         return {
-            "instance_id": str(self.instance_id),
+            "instance_id": self._iid,
             "expected": self.expected,
             "new_sequence": self.expected + len(self.events),
             "state": self.state.value,
@@ -145,9 +144,9 @@ class InstanceUnit:
                     key=f"scheduled:{row['execution_id']}:{row['lapse_count']}",
                 )
 
-    def _task_payload(self, row: Row, **extra: Any) -> dict[str, Any]:
+    def _task_payload(self, row: Row, eid: str | None = None, **extra: Any) -> dict[str, Any]:
         return {
-            "execution_id": str(row["execution_id"]),
+            "execution_id": eid or str(row["execution_id"]),
             "task_id": row["task_id"],
             "kind": row["kind"],
             "attempt": row["attempt_number"],
@@ -164,11 +163,8 @@ class InstanceUnit:
 
     def record_completion(self, row: Row) -> None:
         """Emit the completion event."""
-        self.emit(
-            _event_name(row["kind"], "COMPLETED"),
-            self._task_payload(row),
-            key=f"completed:{row['execution_id']}",
-        )
+        eid = str(row["execution_id"])
+        self.emit(_event_name(row["kind"], "COMPLETED"), self._task_payload(row, eid), key=f"completed:{eid}")
 
     def releases_dependents(self, row: Row) -> bool:
         """Tell whether completing this execution can make other executions ready."""
