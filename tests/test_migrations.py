@@ -247,8 +247,9 @@ def test_schemas_in_one_database_are_isolated(empty_dsn: str) -> None:
 
 
 def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn: str) -> None:
-    # a host that ran 0001 only, with a workflow waiting: migrate() adds the rest, and the poll (which
-    # calls 0002's function) leases the waiting task
+    # A host that ran 0001 only, with work in every state 0003 must bring in line (rows written the way
+    # 0001's statements wrote them): migrate() adds the rest, the invariants hold, and the poll (which
+    # calls 0002's function, as 0003 redefines it) leases exactly the two waiting tasks.
     from orchestrator_engine import (
         StartWorkflowRequest,
         TaskCoordinator,
@@ -257,6 +258,7 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
         WorkflowDefinition,
         create_pool,
     )
+    from orchestrator_engine.check import check_invariants
     from orchestrator_engine.migrator import _open_backend, _read_migrations
 
     config = EngineConfig(dsn=empty_dsn, schema="upgraded")
@@ -271,11 +273,39 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
     with create_pool(config, min_size=1, max_size=2) as pool:
         wc = WorkflowCoordinator(pool, config)
         wc.register_workflow(definition)
-        started = wc.start_workflow(StartWorkflowRequest("ns", "wf", "run-1", {"n": 1}))
+        waiting, requeued, cancelled = (
+            wc.start_workflow(StartWorkflowRequest("ns", "wf", f"run-{i}", {"n": i})).instance_id
+            for i in range(3)
+        )
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            # 0001's requeue kept started_at and left the lease row's holder and expiry
+            conn.execute(
+                "UPDATE upgraded.task_executions SET started_at = now() - interval '1 minute',"
+                " lapse_count = 1, fence_token = 1 WHERE workflow_instance_id = %s",
+                (requeued,),
+            )
+            conn.execute(
+                "INSERT INTO upgraded.execution_leases"
+                " (lease_key, workflow_instance_id, holder_id, expires_at, fence_token)"
+                " SELECT execution_id, workflow_instance_id, gen_random_uuid(), now() - interval '1 s', 1"
+                " FROM upgraded.task_executions WHERE workflow_instance_id = %s",
+                (requeued,),
+            )
+        wc.cancel_workflow(cancelled)
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            # 0001's cancellation kept a READY row's ready_at
+            conn.execute(
+                "UPDATE upgraded.task_executions SET ready_at = created_at WHERE workflow_instance_id = %s",
+                (cancelled,),
+            )
 
         assert migrate(config) == ALL_MIGRATIONS[1:]
+        with psycopg.connect(empty_dsn) as conn:
+            report = check_invariants(conn, schema="upgraded", require_finished=False)
+        assert [v.invariant for v in report.violations] == []
         leased = TaskCoordinator(pool, config).poll_tasks(uuid4(), task_types=["work"], limit=5)
-    assert [e.workflow_instance_id for e in leased] == [started.instance_id]
+    assert sorted(e.workflow_instance_id for e in leased) == sorted([waiting, requeued])
+    assert {e.workflow_instance_id: e.fence_token for e in leased}[requeued] == 2
 
 
 def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:

@@ -75,6 +75,21 @@ JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
 WHERE e.state = 'READY'
   AND (e.ready_at IS NULL) = (w.state IN ('RUNNING', 'COMPENSATING'))
 
+-- name: check_ready_index_rows
+-- The ready index holds the rows with a ready_at and no started_at (migration 0003): exactly the READY
+-- executions that are not parked. Anything else there would be walked past by every poll.
+SELECT workflow_instance_id, execution_id, state
+FROM {schema}.task_executions
+WHERE (ready_at IS NOT NULL AND started_at IS NULL) <> (state = 'READY' AND ready_at IS NOT NULL)
+
+-- name: check_lease_expiry
+-- A lease row carries an expiry exactly while its execution is RUNNING, the same as the execution's.
+SELECT e.workflow_instance_id, e.execution_id, e.state
+FROM {schema}.execution_leases l
+JOIN {schema}.task_executions e ON e.execution_id = l.lease_key
+WHERE (l.expires_at IS NOT NULL) <> (e.state = 'RUNNING')
+   OR (e.state = 'RUNNING' AND l.expires_at IS DISTINCT FROM e.lease_expires_at)
+
 -- name: check_unfinished_workflows
 SELECT instance_id, state FROM {schema}.workflow_instances
 WHERE state NOT IN ('COMPLETED', 'CANCELLED', 'COMPENSATED')

@@ -75,7 +75,7 @@ SELECT g.*, (SELECT count(*) FROM lease) AS leases_written FROM granted g
 -- name: task_poll_and_lease
 -- Pick the oldest ready executions, lease them, write one TASK_STARTED event each and advance each
 -- instance's sequence, all in one statement.
--- The pick is next_ready_executions (migration 0002): the oldest ready rows, read from the ready index
+-- The pick is next_ready_executions (migrations 0002, 0003): the oldest ready rows, from the ready index
 -- in order (ORDER BY ready_at LIMIT n), locked with SKIP LOCKED. A function, because only a function
 -- can carry the planner settings that make that plan hold with no or stale statistics. READY rows of
 -- a workflow that is not running (paused, failed) are parked with ready_at NULL, so every ready row the
@@ -160,20 +160,32 @@ FROM granted g
 ORDER BY g.ready_at
 -- name: task_select_lapsed
 -- Lapsed leases, locked with their instance; SKIP LOCKED so reclaimers never wait on each other.
+-- Found through the lease rows' expiry index (migration 0003): a grant and every renewal write the
+-- same expiry to the lease row and the execution; the execution's own columns are re-checked.
 SELECT e.execution_id, e.workflow_instance_id
-FROM {schema}.task_executions e
+FROM {schema}.execution_leases l
+JOIN {schema}.task_executions e ON e.execution_id = l.lease_key
 JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
-WHERE e.state = 'RUNNING' AND e.lease_expires_at < now()
-ORDER BY e.lease_expires_at
+WHERE l.expires_at < now() AND e.state = 'RUNNING' AND e.lease_expires_at < now()
+ORDER BY l.expires_at
 LIMIT %(limit)s
 FOR NO KEY UPDATE OF e, w SKIP LOCKED
 
 -- name: task_requeue_if_lapsed
-UPDATE {schema}.task_executions
-SET state = 'READY', lapse_count = lapse_count + 1, lease_holder = NULL, lease_expires_at = NULL,
-    deadline_at = NULL
-WHERE execution_id = %(execution_id)s AND state = 'RUNNING' AND lease_expires_at < now()
-RETURNING *
+-- READY again, with no started_at (the ready index holds rows with a ready_at and no started_at) and
+-- its old ready_at, so it goes to the front of the queue. The lease row stays, for its fence token,
+-- without a holder or an expiry.
+WITH requeued AS (
+    UPDATE {schema}.task_executions
+    SET state = 'READY', lapse_count = lapse_count + 1, lease_holder = NULL, lease_expires_at = NULL,
+        deadline_at = NULL, started_at = NULL
+    WHERE execution_id = %(execution_id)s AND state = 'RUNNING' AND lease_expires_at < now()
+    RETURNING *
+), released AS (
+    UPDATE {schema}.execution_leases l SET holder_id = NULL, expires_at = NULL
+    FROM requeued r WHERE l.lease_key = r.execution_id
+)
+SELECT * FROM requeued
 
 -- name: task_fail_if_lapsed
 -- The finished execution's lease row goes in the same statement.
@@ -313,8 +325,9 @@ FROM hits h
 WHERE e.execution_id = h.execution_id
 RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.kind, e.state, e.attempt_number, e.lapse_count
 -- name: task_cancel_open
+-- ready_at goes too: the ready index holds rows with a ready_at and no started_at
 UPDATE {schema}.task_executions
-SET state = 'CANCELLED', finished_at = now()
+SET state = 'CANCELLED', finished_at = now(), ready_at = NULL
 WHERE workflow_instance_id = %(instance_id)s AND state IN ('PENDING', 'READY', 'RUNNING')
   AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
 RETURNING *

@@ -21,16 +21,17 @@ ORDER BY namespace, state
 SELECT namespace, task_type, count(*) AS ready,
        EXTRACT(EPOCH FROM now() - min(ready_at)) AS oldest_age_s
 FROM {schema}.task_executions
-WHERE state = 'READY' AND ready_at <= now()
+WHERE state = 'READY' AND ready_at <= now() AND started_at IS NULL
 GROUP BY namespace, task_type
 ORDER BY oldest_age_s DESC
 
 -- name: maintenance_leases_lapsing
-SELECT execution_id, workflow_instance_id, task_id, lease_holder, lease_expires_at,
-       EXTRACT(EPOCH FROM lease_expires_at - now()) AS remaining_s
-FROM {schema}.task_executions
-WHERE state = 'RUNNING' AND lease_expires_at < now() + %(within)s::interval
-ORDER BY lease_expires_at
+SELECT e.execution_id, e.workflow_instance_id, e.task_id, e.lease_holder, e.lease_expires_at,
+       EXTRACT(EPOCH FROM e.lease_expires_at - now()) AS remaining_s
+FROM {schema}.execution_leases l
+JOIN {schema}.task_executions e ON e.execution_id = l.lease_key
+WHERE l.expires_at < now() + %(within)s::interval AND e.state = 'RUNNING'
+ORDER BY l.expires_at
 LIMIT 50
 
 -- name: maintenance_recent_pollers
@@ -44,4 +45,5 @@ SELECT now() AS now
 
 -- name: maintenance_ready_depth
 SELECT count(*) AS depth FROM {schema}.task_executions
-WHERE state = 'READY' AND ready_at <= now() AND (%(namespace)s::text IS NULL OR namespace = %(namespace)s::text)
+WHERE state = 'READY' AND ready_at <= now() AND started_at IS NULL
+  AND (%(namespace)s::text IS NULL OR namespace = %(namespace)s::text)

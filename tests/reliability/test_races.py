@@ -348,7 +348,7 @@ def test_pollers_racing_completions_of_the_same_instances_lose_no_sequence_updat
 
 # -- 6e. a retry committed while a poll is already running ---------------------------------------------
 
-#: next_ready_executions as migration 0002 makes it, with a pause before its query: the pause opens the
+#: next_ready_executions as migration 0003 makes it, with a pause before its query: the pause opens the
 #: window between the poll statement's snapshot and the function's own, newer one
 SLOW_PICK = """
 CREATE OR REPLACE FUNCTION orchestrator.next_ready_executions(
@@ -362,7 +362,7 @@ BEGIN
     RETURN QUERY
     SELECT e.execution_id, e.workflow_instance_id, e.ready_at
     FROM task_executions e
-    WHERE e.state = 'READY' AND e.ready_at <= now()
+    WHERE e.ready_at <= now() AND e.started_at IS NULL AND e.state = 'READY'
       AND (p_namespace IS NULL OR e.namespace = p_namespace)
       AND (p_task_types IS NULL OR e.task_type = ANY(p_task_types))
     ORDER BY e.ready_at
