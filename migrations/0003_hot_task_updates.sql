@@ -13,6 +13,9 @@
 --   finished executions are deleted as before;
 -- * task_executions leaves a third of each new page free, for the finishing update.
 -- Finishing a task (RUNNING -> COMPLETED or FAILED) then changes only unindexed columns.
+-- Two CHECK constraints hold rows to that shape (no indexed column, so they cost no HOT update): a
+-- statement that would leave a started READY row or a waiting cancelled one (an engine version from
+-- before this migration, still running) fails loudly instead of wedging a task outside the index.
 
 -- rows written under 0001 that the new predicates would misread
 UPDATE task_executions SET started_at = NULL WHERE state = 'READY' AND started_at IS NOT NULL;
@@ -21,6 +24,11 @@ WHERE state <> 'READY' AND started_at IS NULL AND ready_at IS NOT NULL;
 UPDATE execution_leases l SET holder_id = NULL, expires_at = NULL
 FROM task_executions e
 WHERE e.execution_id = l.lease_key AND e.state <> 'RUNNING' AND l.expires_at IS NOT NULL;
+
+ALTER TABLE task_executions
+    ADD CONSTRAINT ck_task_executions_ready_not_started CHECK (state <> 'READY' OR started_at IS NULL),
+    ADD CONSTRAINT ck_task_executions_ready_at_while_ready
+        CHECK (state = 'READY' OR ready_at IS NULL OR started_at IS NOT NULL);
 
 DROP INDEX ix_task_executions_ready;
 DROP INDEX ix_task_executions_lease;

@@ -127,7 +127,8 @@ def check_invariants(
         flag(
             "lease-expiry-matches",
             r["workflow_instance_id"],
-            f"the lease row of {r['state']} execution {r['execution_id']} has the wrong expiry",
+            f"{r['state']} execution {r['execution_id']} "
+            + ("has a lease row with the wrong expiry" if r["has_lease_row"] else "has no lease row"),
         )
     if require_finished:
         for r in rows("check_unfinished_workflows"):

@@ -306,6 +306,13 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
         leased = TaskCoordinator(pool, config).poll_tasks(uuid4(), task_types=["work"], limit=5)
     assert sorted(e.workflow_instance_id for e in leased) == sorted([waiting, requeued])
     assert {e.workflow_instance_id: e.fence_token for e in leased}[requeued] == 2
+    # an engine from before 0003, still running, requeued keeping started_at: now refused, loudly
+    with psycopg.connect(empty_dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute(
+            "UPDATE upgraded.task_executions SET state = 'READY', lease_holder = NULL,"
+            " lease_expires_at = NULL WHERE workflow_instance_id = %s",
+            (waiting,),
+        )
 
 
 def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:

@@ -83,12 +83,13 @@ FROM {schema}.task_executions
 WHERE (ready_at IS NOT NULL AND started_at IS NULL) <> (state = 'READY' AND ready_at IS NOT NULL)
 
 -- name: check_lease_expiry
--- A lease row carries an expiry exactly while its execution is RUNNING, the same as the execution's.
-SELECT e.workflow_instance_id, e.execution_id, e.state
-FROM {schema}.execution_leases l
-JOIN {schema}.task_executions e ON e.execution_id = l.lease_key
-WHERE (l.expires_at IS NOT NULL) <> (e.state = 'RUNNING')
-   OR (e.state = 'RUNNING' AND l.expires_at IS DISTINCT FROM e.lease_expires_at)
+-- A RUNNING execution has a lease row with its expiry (lapsed leases are found through those rows);
+-- any other execution's lease row has none.
+SELECT e.workflow_instance_id, e.execution_id, e.state, l.lease_key IS NOT NULL AS has_lease_row
+FROM {schema}.task_executions e
+LEFT JOIN {schema}.execution_leases l ON l.lease_key = e.execution_id
+WHERE (e.state = 'RUNNING' AND (l.lease_key IS NULL OR l.expires_at IS DISTINCT FROM e.lease_expires_at))
+   OR (e.state <> 'RUNNING' AND l.expires_at IS NOT NULL)
 
 -- name: check_unfinished_workflows
 SELECT instance_id, state FROM {schema}.workflow_instances
