@@ -348,29 +348,21 @@ def test_pollers_racing_completions_of_the_same_instances_lose_no_sequence_updat
 
 # -- 6e. a retry committed while a poll is already running ---------------------------------------------
 
-#: next_ready_executions as migration 0003 makes it, with a pause before its query: the pause opens the
-#: window between the poll statement's snapshot and the function's own, newer one
-SLOW_PICK = """
-CREATE OR REPLACE FUNCTION orchestrator.next_ready_executions(
-    p_namespace text, p_task_types text[], p_limit integer)
-RETURNS TABLE (execution_id uuid, workflow_instance_id uuid, ready_at timestamptz)
-LANGUAGE plpgsql VOLATILE ROWS 100
-SET search_path = orchestrator SET enable_seqscan = off SET enable_bitmapscan = off
-AS $$
-BEGIN
-    PERFORM pg_sleep(%s);
-    RETURN QUERY
-    SELECT e.execution_id, e.workflow_instance_id, e.ready_at
-    FROM task_executions e
-    WHERE e.ready_at <= now() AND e.started_at IS NULL AND e.state = 'READY'
-      AND (p_namespace IS NULL OR e.namespace = p_namespace)
-      AND (p_task_types IS NULL OR e.task_type = ANY(p_task_types))
-    ORDER BY e.ready_at
-    LIMIT p_limit
-    FOR NO KEY UPDATE OF e SKIP LOCKED;
-END
-$$
-"""
+
+def slow_pick(pause: float) -> str:
+    """Return next_ready_executions as the latest migration defines it, pausing before its query.
+
+    The pause opens the window between the poll statement's snapshot and the function's own, newer one.
+    """
+    latest = sorted(
+        p for p in (REPO_ROOT / "migrations").glob("*.sql") if "next_ready_executions(" in p.read_text()
+    )
+    text = latest[-1].read_text(encoding="utf-8")
+    start = text.index("CREATE ", text.index("FUNCTION next_ready_executions(") - len("CREATE OR REPLACE "))
+    body = text[start : text.index("$$;", start) + len("$$;")]
+    body = body.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    assert "\nBEGIN\n" in body, body
+    return body.replace("\nBEGIN\n", f"\nBEGIN\n    PERFORM pg_sleep({pause});\n", 1)
 
 
 def test_a_poll_skips_a_retry_committed_after_it_started_and_keeps_the_sequence_gapless(
@@ -386,7 +378,8 @@ def test_a_poll_skips_a_retry_committed_after_it_started_and_keeps_the_sequence_
     first_worker, second_worker = uuid.uuid4(), uuid.uuid4()
     [attempt1] = tc.poll_tasks(first_worker, limit=1)
     with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(SLOW_PICK % pause)
+        admin.execute("SET search_path = orchestrator")  # what SET search_path FROM CURRENT keeps
+        admin.execute(slow_pick(pause).encode())
     polled: list[list[TaskExecution]] = []
     failures: list[BaseException] = []
 
