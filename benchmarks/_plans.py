@@ -123,8 +123,6 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
             ),
             "events": json.dumps([event]),
             "event_count": 1,
-            "park": [],
-            "unpark": [],
             "channel": "orchestrator_engine_plans",
             "notify": [_shapes.NAMESPACE],
         },

@@ -366,8 +366,6 @@ def flush_units(engine: Engine, conn: psycopg.Connection[Any], units: list[Insta
         events=json.dumps(events, default=str),
         event_count=len(events),
         instances=json.dumps([u.plan() for u in changed]),
-        park=park,
-        unpark=unpark,
         channel=engine.channel,
         notify=sorted(notify) if engine.config.notify else [],
     )
@@ -375,5 +373,7 @@ def flush_units(engine: Engine, conn: psycopg.Connection[Any], units: list[Insta
         raise ConcurrencyConflictError(
             "workflow " + ", ".join(str(u.instance_id) for u in changed) + " changed concurrently"
         )
+    if park or unpark:  # rare (pause, resume, failure, retry): its own statement, same transaction
+        engine.repos.executions.task_park_unpark(conn, park, unpark)
     for u in changed:
         u.flushed()

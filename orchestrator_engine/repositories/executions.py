@@ -111,5 +111,11 @@ class ExecutionRepository(Repository):
     ) -> list[Row]:
         return self._all(conn, "task_cancel_open", {"instance_id": instance_id, "kind": kind})
 
+    def task_park_unpark(
+        self, conn: psycopg.Connection[Any], park: list[UUID], unpark: list[UUID]
+    ) -> Row | None:
+        """Park the ready executions of ``park``'s instances and unpark those of ``unpark``'s."""
+        return self._one(conn, "task_park_unpark", {"park": park, "unpark": unpark})
+
     def task_lease_delete(self, conn: psycopg.Connection[Any], execution_ids: list[UUID]) -> int:
         return self._run(conn, "task_lease_delete", {"execution_ids": execution_ids})

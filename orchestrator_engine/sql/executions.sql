@@ -337,3 +337,18 @@ DELETE FROM {schema}.execution_leases WHERE lease_key = ANY(%(execution_ids)s::u
 
 -- name: task_get_many
 SELECT * FROM {schema}.task_executions WHERE execution_id = ANY(%(execution_ids)s::uuid[])
+
+-- name: task_park_unpark
+-- Park (ready_at NULL) the READY executions of instances that stop running (paused, failed), so the
+-- poll's index never yields them, and unpark (ready_at now) those of instances that run again. Sent
+-- by flush_units in the transaction that moves those instances, while it holds their row locks.
+WITH parked AS (
+    UPDATE {schema}.task_executions e SET ready_at = NULL
+    WHERE e.workflow_instance_id = ANY(%(park)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NOT NULL
+    RETURNING 1
+), unparked AS (
+    UPDATE {schema}.task_executions e SET ready_at = now()
+    WHERE e.workflow_instance_id = ANY(%(unpark)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NULL
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM parked) AS parked, (SELECT count(*) FROM unparked) AS unparked

@@ -12,9 +12,9 @@ SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s FO
 
 -- name: workflow_update_if_sequence
 -- Append the units of work's events and move each instance on, in one round trip for any number of
--- locked instances, each under its sequence guard. In the same statement: parking (ready_at NULL) the
--- READY executions of instances that stop running (paused, failed) so the poll's index never yields
--- them, unparking those of instances that run again, and the NOTIFY that wakes idle workers.
+-- locked instances, each under its sequence guard, with the NOTIFY that wakes idle workers. (Parking
+-- is task_park_unpark, sent only when an instance stops or starts running again: with it here, the
+-- generic plan priced its two updates and PostgreSQL re-planned this statement on every call.)
 WITH appended AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
@@ -45,21 +45,10 @@ WITH appended AS (
                                                          AS i(instance_id uuid)))
       AND (SELECT count(*) FROM appended) = %(event_count)s
     RETURNING w.instance_id
-), parked AS (
-    UPDATE {schema}.task_executions e SET ready_at = NULL
-    WHERE cardinality(%(park)s::uuid[]) > 0  -- one-time filter: no scan at all when nothing parks
-      AND e.workflow_instance_id = ANY(%(park)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NOT NULL
-    RETURNING 1
-), unparked AS (
-    UPDATE {schema}.task_executions e SET ready_at = now()
-    WHERE cardinality(%(unpark)s::uuid[]) > 0
-      AND e.workflow_instance_id = ANY(%(unpark)s::uuid[]) AND e.state = 'READY' AND e.ready_at IS NULL
-    RETURNING 1
 ), notified AS (
     SELECT pg_notify(%(channel)s, n.namespace) FROM unnest(%(notify)s::text[]) AS n(namespace)
 )
-SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS notified,
-       (SELECT count(*) FROM parked) AS parked, (SELECT count(*) FROM unparked) AS unparked
+SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS notified
 -- name: workflow_start_many
 -- Start a batch in one statement: instances (ON CONFLICT skips run_ids that exist), then the tasks
 -- and the first events of only the instances this statement inserted. Each instance is born with the
