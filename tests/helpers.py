@@ -47,6 +47,8 @@ NAMESPACE = "spec"
 SHORT_LEASE = timedelta(milliseconds=300)
 #: the directory that holds the orchestrator_engine package these tests import, for child processes
 PACKAGE_ROOT = Path(orchestrator_engine.__file__).resolve().parent.parent
+#: every migration the package ships, in the order migrate() applies them
+ALL_MIGRATIONS = sorted(p.stem for p in (PACKAGE_ROOT / "migrations").glob("*.sql"))
 
 
 def short_lease(config: EngineConfig, lease: timedelta = SHORT_LEASE) -> EngineConfig:

@@ -15,6 +15,7 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+from helpers import ALL_MIGRATIONS
 from psycopg import conninfo, sql
 from yoyo.connections import parse_uri
 
@@ -23,8 +24,6 @@ from orchestrator_engine.errors import MigrationError
 from orchestrator_engine.migrator import migrate, migration_lock_key, pending_migrations, yoyo_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: every migration the package ships, in the order migrate() applies them
-ALL_MIGRATIONS = sorted(p.stem for p in (REPO_ROOT / "migrations").glob("*.sql"))
 ENGINE_TABLES = {
     "workflow_definitions",
     "workflow_instances",

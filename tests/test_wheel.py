@@ -13,6 +13,7 @@ from pathlib import Path
 from zipfile import ZipFile
 
 import pytest
+from helpers import ALL_MIGRATIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,5 +95,5 @@ def test_installed_wheel_migrates_an_empty_database(
     )
     assert result.returncode == 0, result.stderr
     applied, module_file = result.stdout.strip().splitlines()[-2:]
-    assert applied == str(sorted(p.stem for p in (REPO_ROOT / "migrations").glob("*.sql")))
+    assert applied == str(ALL_MIGRATIONS)
     assert Path(module_file).is_relative_to(site_packages)

@@ -25,6 +25,7 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from helpers import ALL_MIGRATIONS
 from psycopg import conninfo, errors, sql
 from psycopg_pool import ConnectionPool
 
@@ -54,7 +55,6 @@ PACKAGE = Path(orchestrator_engine.__file__).resolve().parent
 REPO_ROOT = PACKAGE.parent
 SECURITY_DOC = REPO_ROOT / "docs" / "security.md"
 SCHEMA = "orchestrator"
-ALL_MIGRATIONS = sorted(p.stem for p in (REPO_ROOT / "migrations").glob("*.sql"))
 SETTLE = 30.0
 NO_RETRY = RetryPolicy(max_attempts=1, initial_interval=timedelta(0), jitter=0)
 
