@@ -36,8 +36,6 @@ _INSTANCE_COLUMNS = (
     "pending_tasks",
     "pending_compensations",
 )
-#: one result to record: (execution_id, fence_token, state, output text, error text)
-_Result = FinishResult
 
 
 def _fence(value: object) -> int:
@@ -255,7 +253,7 @@ class TaskCoordinator:
         """
         wid = as_uuid(worker_id, "worker_id")
         outcome: dict[UUID, Row | OrchestratorError] = {}
-        todo: list[_Result] = []
+        todo: list[FinishResult] = []
         for execution_id, fence_token, output in results:
             eid = as_uuid(execution_id, "execution_id")
             try:
@@ -269,7 +267,9 @@ class TaskCoordinator:
                 outcome.update(self._finish_in(c, wid, todo))
         return outcome
 
-    def _finish_one(self, conn: psycopg.Connection[Any] | None, wid: UUID, result: _Result) -> TaskExecution:
+    def _finish_one(
+        self, conn: psycopg.Connection[Any] | None, wid: UUID, result: FinishResult
+    ) -> TaskExecution:
         eid = result[0]
         with self._engine.transaction(conn) as c:
             outcome = self._finish_in(c, wid, [result])[eid]
@@ -280,7 +280,7 @@ class TaskCoordinator:
         return execution_from_row(row)
 
     def _finish_in(
-        self, c: psycopg.Connection[Any], wid: UUID, results: Sequence[_Result]
+        self, c: psycopg.Connection[Any], wid: UUID, results: Sequence[FinishResult]
     ) -> dict[UUID, Row | OrchestratorError]:
         """Record results of executions ``wid`` holds: one statement finishes them all under their
         fences, one releases the dependents of every completed task, one writes every instance."""
