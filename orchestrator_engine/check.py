@@ -117,12 +117,6 @@ def check_invariants(
             f"READY execution {r['execution_id']} is {'parked' if r['parked'] else 'leasable'} "
             f"in a {r['workflow_state']} workflow",
         )
-    for r in rows("check_ready_index_rows"):
-        flag(
-            "ready-index-holds-ready-rows",
-            r["workflow_instance_id"],
-            f"{r['state']} execution {r['execution_id']} disagrees with the ready index's predicate",
-        )
     for r in rows("check_lease_expiry"):
         flag(
             "lease-expiry-matches",

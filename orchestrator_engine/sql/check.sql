@@ -75,13 +75,6 @@ JOIN {schema}.workflow_instances w ON w.instance_id = e.workflow_instance_id
 WHERE e.state = 'READY'
   AND (e.ready_at IS NULL) = (w.state IN ('RUNNING', 'COMPENSATING'))
 
--- name: check_ready_index_rows
--- The ready index holds the rows with a ready_at and no started_at (migration 0003): exactly the READY
--- executions that are not parked. Anything else there would be walked past by every poll.
-SELECT workflow_instance_id, execution_id, state
-FROM {schema}.task_executions
-WHERE (ready_at IS NOT NULL AND started_at IS NULL) <> (state = 'READY' AND ready_at IS NOT NULL)
-
 -- name: check_lease_expiry
 -- A RUNNING execution has a lease row with its expiry (lapsed leases are found through those rows);
 -- any other execution's lease row has none.

@@ -18,6 +18,7 @@ GROUP BY namespace, state
 ORDER BY namespace, state
 
 -- name: maintenance_oldest_ready
+-- (started_at IS NULL holds for every READY row, by constraint; it lets the ready index serve)
 SELECT namespace, task_type, count(*) AS ready,
        EXTRACT(EPOCH FROM now() - min(ready_at)) AS oldest_age_s
 FROM {schema}.task_executions
@@ -44,6 +45,7 @@ WHERE started_at > now() - %(window)s::interval
 SELECT now() AS now
 
 -- name: maintenance_ready_depth
+-- (started_at IS NULL holds for every READY row, by constraint; it lets the ready index serve)
 SELECT count(*) AS depth FROM {schema}.task_executions
 WHERE state = 'READY' AND ready_at <= now() AND started_at IS NULL
   AND (%(namespace)s::text IS NULL OR namespace = %(namespace)s::text)
