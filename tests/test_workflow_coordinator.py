@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -196,6 +197,52 @@ def test_a_start_with_notify_off_or_rolled_back_with_its_host_wakes_no_worker(
     host.rollback()
     start(wc, "shop", namespace="other")
     assert wake_ups(listener, 1) == ["other"]
+
+
+def test_a_start_overlapping_another_commits_without_notify_and_is_announced_after(
+    wc: WorkflowCoordinator,
+    host: psycopg.Connection[Any],
+    listener: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL serialises the commits of transactions that NOTIFY (one lock, held through the WAL
+    flush), so while one start of an engine is in flight, another commits without notifying and the
+    engine announces it once it has committed."""
+    register(wc, "shop", chain("a"))
+    register(wc, "shop", chain("a"), namespace="other")
+    channels: dict[str, str | None] = {}
+    repo = wc.engine.repos.instances
+    real = repo.workflow_start_many
+
+    def spy(conn: psycopg.Connection[Any], instances: list[dict[str, Any]], *args: Any, **kw: Any) -> Any:
+        channels[instances[0]["run_id"]] = kw["channel"]
+        return real(conn, instances, *args, **kw)
+
+    monkeypatch.setattr(repo, "workflow_start_many", spy)
+    host.execute("INSERT INTO public.orders VALUES (1)")  # opens the host's implicit transaction
+    start(wc, "shop", run_id="held", conn=host)  # which now holds this run_id, uncommitted
+    assert channels.pop("held") == wc.engine.channel, "in a host's transaction the start notifies itself"
+    in_flight = threading.Thread(target=start, args=(wc, "shop"), kwargs={"run_id": "held"})
+    in_flight.start()  # waits on the host's transaction (ON CONFLICT), holding its NOTIFY turn
+    deadline = time.monotonic() + 10
+    with psycopg.connect(wc.engine.config.dsn, autocommit=True) as probe:
+        while not probe.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ).fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the first start never waited on the host's run_id"
+            time.sleep(0.01)
+
+    overlapping = start(wc, "shop", namespace="other", run_id="overlapping")
+    assert channels["overlapping"] is None, "the overlapping start does not notify in its transaction"
+    assert wake_ups(listener, 1) == ["other"], "it is announced once committed"
+    assert wc.find_workflow("other", "shop", "overlapping") == overlapping
+
+    host.commit()
+    in_flight.join(timeout=10)
+    assert channels["held"] == wc.engine.channel, "the start in flight notified itself"
+    assert wake_ups(listener, 1) == [NAMESPACE], "the host's commit announces its start"
+    assert wc.find_workflow(NAMESPACE, "shop", "held") is not None
 
 
 def test_a_start_through_a_pool_of_non_autocommit_connections_is_committed(

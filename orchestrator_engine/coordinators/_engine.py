@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed
 
 from .._payload import encode_payload
 from ..config import EngineConfig
@@ -17,6 +19,13 @@ from ..definitions import WorkflowDefinition
 from ..errors import WorkflowNotFoundError
 from ..repositories import Repositories
 from ._unit import InstanceUnit
+
+log = logging.getLogger("orchestrator_engine.engine")
+
+#: an announcer sends at most one NOTIFY statement per this many seconds, covering every write since
+ANNOUNCE_INTERVAL = 0.002
+#: an announcer's thread ends after this long with nothing to send (the next write starts another)
+ANNOUNCER_IDLE_EXIT = 5.0
 
 
 def notify_channel(schema: str) -> str:
@@ -39,6 +48,9 @@ class Engine:
         self._start_plans: dict[tuple[str, str, int], tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        #: writes of this engine in flight that notify in their own transaction (0 or 1)
+        self._notifying = 0
+        self._announcer = _Announcer(self)
 
     @contextmanager
     def transaction(self, conn: psycopg.Connection[Any] | None = None) -> Iterator[psycopg.Connection[Any]]:
@@ -75,6 +87,30 @@ class Engine:
             else:
                 with pooled.transaction():
                     yield pooled
+
+    @contextmanager
+    def notifying(self) -> Iterator[bool]:
+        """Around a write that wakes idle workers: yield True if it should notify in its transaction.
+
+        PostgreSQL serialises the commits of all transactions that NOTIFY, cluster-wide, holding a lock
+        from before the commit record until the WAL flush returns; such commits never share a flush. So
+        one write of this engine at a time notifies itself (lowest latency when writes are sparse);
+        a write that overlaps it commits without notifying and calls ``announce_later`` once committed.
+        """
+        with self._lock:
+            inline = self._notifying == 0
+            self._notifying += inline
+        try:
+            yield inline
+        finally:
+            if inline:
+                with self._lock:
+                    self._notifying -= 1
+
+    def announce_later(self, namespaces: Iterable[str]) -> None:
+        """Wake idle workers of ``namespaces`` soon, from the announcer: call after the write committed."""
+        if self.config.notify:
+            self._announcer.submit(namespaces)
 
     def encode(self, value: Any, what: str) -> str:
         return encode_payload(value, limit=self.config.max_payload_bytes, what=what)
@@ -156,3 +192,49 @@ class Engine:
         """Return the unit of work for an instance row this transaction has locked."""
         definition = self.definition(conn, row["namespace"], row["workflow_name"], row["workflow_version"])
         return InstanceUnit(self, conn, row, definition)
+
+
+class _Announcer:
+    """Notify idle workers of writes that committed without a NOTIFY, coalesced, on a thread of its own.
+
+    Each round sends one statement, in a transaction of its own that writes no WAL (so its commit does
+    not wait for a flush), for every namespace submitted since the last, then waits ANNOUNCE_INTERVAL:
+    under a stream of writes the cluster-wide NOTIFY lock is taken a few hundred times a second at
+    most, however many writes there are. A submission always follows its write's commit, so the
+    notification it leads to is sent after that commit. A round that fails is logged and dropped: a
+    worker's poll interval is the backstop for any lost notification.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._pending: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, namespaces: Iterable[str]) -> None:
+        with self._cond:
+            self._pending.update(namespaces)
+            # not alive: it has ended, or this is a child process forked after it started
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="orchestrator-announcer", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            with self._cond:
+                if not self._pending:
+                    self._cond.wait(ANNOUNCER_IDLE_EXIT)
+                if not self._pending:
+                    self._thread = None
+                    return
+                namespaces, self._pending = sorted(self._pending), set()
+            try:
+                with engine.single() as c:
+                    engine.repos.instances.announce(c, engine.channel, namespaces)
+            except PoolClosed:
+                log.debug("pool closed: dropped the notification of %s", namespaces)
+            except Exception as exc:  # never let the thread die; the poll interval is the backstop
+                log.warning("could not notify workers of %s (%s)", namespaces, type(exc).__name__)
+            time.sleep(ANNOUNCE_INTERVAL)

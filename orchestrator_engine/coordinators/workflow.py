@@ -147,13 +147,20 @@ class WorkflowCoordinator:
     ) -> list[WorkflowInstance]:
         """Run the start in the host's transaction, else as one autocommit statement when it can be."""
         if conn is None:
-            # the start is one statement, atomic on its own (see Engine.single)
-            with self._engine.single() as c:
-                started = self._start_many(c, checked, in_transaction=False)
+            # the start is one statement, atomic on its own (see Engine.single); it notifies idle
+            # workers itself unless another write of this engine that notifies is in flight, in which
+            # case the notification follows its commit (see Engine.notifying)
+            announce: set[str] = set()
+            with self._engine.notifying() as inline, self._engine.single() as c:
+                started = self._start_many(
+                    c, checked, in_transaction=False, announce=None if inline else announce
+                )
             if started is not None:
+                if announce:  # committed above
+                    self._engine.announce_later(announce)
                 return started
         with self._engine.transaction(conn) as c:
-            started = self._start_many(c, checked, in_transaction=True)
+            started = self._start_many(c, checked, in_transaction=True, announce=None)
         assert started is not None
         return started
 
@@ -163,14 +170,17 @@ class WorkflowCoordinator:
         checked: list[tuple[StartWorkflowRequest, str]],
         *,
         in_transaction: bool,
+        announce: set[str] | None,
     ) -> list[WorkflowInstance] | None:
         """Start a batch with one statement; run_ids that exist (or repeat) return their instance.
 
         Outside a transaction, return None without writing anything if a workflow is unknown: only a
         transaction keeps the batch all-or-nothing then, since the others' start would commit before
-        the unknown one's run_id is found missing.
+        the unknown one's run_id is found missing. The statement notifies idle workers itself unless
+        ``announce`` is given: then the namespaces that got an instance are added to it instead, for
+        the caller to announce once the statement has committed.
         """
-        channel = self._engine.channel if self._engine.config.notify else None
+        channel = self._engine.channel if self._engine.config.notify and announce is None else None
         fresh = False
         while True:
             definitions = self._definitions_of(c, checked, fresh=fresh)
@@ -190,7 +200,10 @@ class WorkflowCoordinator:
             # written, so plan again on the latest versions read now (this repeats only while new
             # versions keep committing between that read and the statement)
             fresh = True
-        return self._instances_of(c, checked, batch.started(rows))
+        started = batch.started(rows)
+        if announce is not None:
+            announce.update(instance.namespace for instance in started.values())
+        return self._instances_of(c, checked, started)
 
     def _instances_of(
         self,

@@ -23,6 +23,10 @@ class InstanceRepository(Repository):
         """Start the instances; ``plan_texts`` are JSON plans, which each instance's "plan" indexes."""
         return self._all(conn, "workflow_start_many", self.start_parameters(instances, plan_texts, channel))
 
+    def announce(self, conn: psycopg.Connection[Any], channel: str, namespaces: list[str]) -> None:
+        """Wake idle workers of ``namespaces``: on an autocommit connection, a transaction of its own."""
+        self._run(conn, "announce", {"channel": channel, "namespaces": namespaces})
+
     @staticmethod
     def start_parameters(
         instances: list[dict[str, Any]], plan_texts: list[str], channel: str | None

@@ -135,3 +135,10 @@ SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM tasks) A
        (SELECT count(*) FROM logged) AS events_written, (SELECT count(*) FROM woken) AS notified,
        (SELECT count(*) FROM stale) AS stale
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
+
+-- name: announce
+-- Wake idle workers of these namespaces. Sent in a transaction of its own, after the write it
+-- announces has committed: PostgreSQL serialises the commits of every transaction that notifies (a
+-- cluster-wide lock, held through the WAL flush), so a write that notified itself could not share a
+-- flush with any other. This one writes no WAL and commits without waiting for a flush.
+SELECT pg_notify(%(channel)s::text, n.namespace) FROM unnest(%(namespaces)s::text[]) AS n(namespace)
