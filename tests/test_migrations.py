@@ -290,12 +290,27 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
                 " FROM upgraded.task_executions WHERE workflow_instance_id = %s",
                 (requeued,),
             )
-        wc.cancel_workflow(cancelled)
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
-            # 0001's cancellation kept a READY row's ready_at
+            # a cancellation as 0001's engine wrote it: the READY row kept its ready_at (this engine's
+            # statements need the later migrations' columns, so the rows are written here)
             conn.execute(
-                "UPDATE upgraded.task_executions SET ready_at = created_at WHERE workflow_instance_id = %s",
-                (cancelled,),
+                "WITH moved AS ("
+                "  UPDATE upgraded.workflow_instances SET state = 'CANCELLED', sequence_number = 4,"
+                "  updated_at = now() WHERE instance_id = %(i)s RETURNING instance_id"
+                "), stopped AS ("
+                "  UPDATE upgraded.task_executions SET state = 'CANCELLED', finished_at = now()"
+                "  WHERE workflow_instance_id = %(i)s RETURNING execution_id, task_id"
+                ") INSERT INTO upgraded.events"
+                " (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)"
+                " SELECT gen_random_uuid(), m.instance_id, 3, 'WORKFLOW_CANCELLED',"
+                ' \'{"from": "RUNNING", "cancelled_executions": 1}\','
+                " m.instance_id || ':workflow_cancelled:3'"
+                " FROM moved m"
+                " UNION ALL SELECT gen_random_uuid(), %(i)s, 4, 'TASK_CANCELLED',"
+                " jsonb_build_object('kind', 'FORWARD', 'task_id', s.task_id,"
+                " 'execution_id', s.execution_id),"
+                " %(i)s || ':cancelled:' || s.execution_id FROM stopped s",
+                {"i": cancelled},
             )
 
         assert migrate(config) == ALL_MIGRATIONS[1:]
@@ -305,6 +320,18 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
         leased = TaskCoordinator(pool, config).poll_tasks(uuid4(), task_types=["work"], limit=5)
     assert sorted(e.workflow_instance_id for e in leased) == sorted([waiting, requeued])
     assert {e.workflow_instance_id: e.fence_token for e in leased}[requeued] == 2
+    with psycopg.connect(empty_dsn) as conn:
+        # 0004: a finished instance's finished_at is its last update; a running one has none
+        finished = conn.execute(
+            "SELECT instance_id, finished_at IS NOT DISTINCT FROM updated_at AND finished_at IS NOT NULL"
+            " FROM upgraded.workflow_instances WHERE finished_at IS NOT NULL"
+        ).fetchall()
+    assert finished == [(cancelled, True)]
+    # an engine from before 0004, still running, finished a workflow without finished_at: refused
+    with psycopg.connect(empty_dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute(
+            "UPDATE upgraded.workflow_instances SET state = 'COMPLETED' WHERE instance_id = %s", (waiting,)
+        )
     # an engine from before 0003, still running, requeued keeping started_at: now refused, loudly
     with psycopg.connect(empty_dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
         conn.execute(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from helpers import (
     EXIT_FENCED,
@@ -57,6 +59,7 @@ from orchestrator_engine import (
     TaskState,
     WorkflowCoordinator,
     WorkflowState,
+    create_pool,
 )
 
 W = WorkflowState
@@ -769,3 +772,32 @@ def test_fifty_way_fan_out_and_fan_in_completes_with_every_output(
     assert finished.output == {"split": "s", "merge": "m", **{b: int(b[1:]) for b in branches}}
     history = assert_history_valid(wc, instance.instance_id)
     assert event_types(history).count("TASK_COMPLETED") == 52
+
+
+def test_the_updates_of_a_running_workflows_row_are_hot_updates(engine_config: EngineConfig) -> None:
+    # No index of workflow_instances names a column that a running workflow's updates change (0004), so
+    # with room on the page each poll and each recorded result updates the row in place (a HOT update,
+    # no new index entries); only the update that finishes the workflow sets an indexed column.
+    with create_pool(engine_config, min_size=1, max_size=2) as pool:
+        wc, tc = WorkflowCoordinator(pool, engine_config), TaskCoordinator(pool, engine_config)
+        register(wc, "shop", chain("a", "b", "c"))
+        instance = start(wc, "shop")
+        worker = uuid.uuid4()
+        for _ in range(3):
+            (execution,) = tc.poll_tasks(worker, limit=1)
+            tc.complete_task(execution.execution_id, worker, execution.fence_token, None)
+        assert wc.get_workflow(instance.instance_id).state is WorkflowState.COMPLETED
+    # the pool's sessions have ended, and a session sends its statistics when it ends
+    deadline = time.monotonic() + 20
+    with psycopg.connect(engine_config.dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                " WHERE schemaname = %s AND relname = 'workflow_instances'",
+                (engine_config.schema,),
+            ).fetchone()
+            assert row is not None
+            if row[0] >= 6 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert tuple(row) == (6, 5), "3 polls and 3 results updated the row; all but the last were HOT"

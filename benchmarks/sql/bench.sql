@@ -30,10 +30,11 @@ SELECT (SELECT min(started_at) FROM {schema}.task_executions) AS first_started,
 -- Finished single-task workflows numbered first..last, shaped like the ones the engine leaves behind.
 INSERT INTO {schema}.workflow_instances
     (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, output,
-     sequence_number, pending_tasks, pending_compensations, created_at, updated_at)
+     sequence_number, pending_tasks, pending_compensations, created_at, updated_at, finished_at)
 SELECT md5('instance:' || g)::uuid, %(namespace)s, %(workflow_name)s, 1, 'history-' || g, 'COMPLETED',
        jsonb_build_object('i', g), jsonb_build_object('t', NULL),
-       5, 0, 0, now() - interval '30 days' + g * interval '1 ms', now() - interval '30 days' + g * interval '1 ms'
+       5, 0, 0, now() - interval '30 days' + g * interval '1 ms', now() - interval '30 days' + g * interval '1 ms',
+       now() - interval '30 days' + g * interval '1 ms'
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g
 
 -- name: history_executions

@@ -35,7 +35,11 @@ WITH appended AS (
         pending_tasks = r.pending_tasks,
         pending_compensations = r.pending_compensations,
         sequence_number = r.new_sequence,
-        updated_at = now()
+        updated_at = now(),
+        -- when the instance entered its finished state; unchanged while the state is (no new index entry)
+        finished_at = CASE WHEN r.state NOT IN ('COMPLETED', 'CANCELLED', 'COMPENSATED', 'FAILED') THEN NULL
+                           WHEN r.state = w.state THEN w.finished_at
+                           ELSE now() END
     FROM jsonb_to_recordset(%(instances)s::jsonb)
         AS r(instance_id uuid, expected bigint, new_sequence bigint, state text, pending_tasks integer,
              pending_compensations integer, collect_output boolean)

@@ -2,8 +2,8 @@
 -- Delete one bounded batch of finished instances; executions, leases and events go by cascade.
 WITH doomed AS (
     SELECT instance_id FROM {schema}.workflow_instances
-    WHERE state = ANY(%(states)s::text[]) AND updated_at < now() - %(older_than)s::interval
-    ORDER BY updated_at
+    WHERE state = ANY(%(states)s::text[]) AND finished_at < now() - %(older_than)s::interval
+    ORDER BY finished_at
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 )
