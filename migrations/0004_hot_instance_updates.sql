@@ -11,13 +11,15 @@
 -- A CHECK constraint holds finished_at to the state, so an engine from before this migration, still
 -- running, fails loudly when it finishes a workflow instead of leaving it out of the purge's index.
 
+-- One transaction, holding workflow_instances locked (ACCESS EXCLUSIVE) from the first statement:
+-- the backfill writes a new version of every finished row, so run it in a maintenance window.
+DROP INDEX ix_workflow_instances_finished;  -- first, so that the backfill does not maintain it
 ALTER TABLE workflow_instances ADD COLUMN finished_at timestamptz;
 UPDATE workflow_instances SET finished_at = updated_at
 WHERE state IN ('COMPLETED', 'CANCELLED', 'COMPENSATED', 'FAILED');
 ALTER TABLE workflow_instances ADD CONSTRAINT ck_workflow_instances_finished_at
     CHECK ((finished_at IS NOT NULL) = (state IN ('COMPLETED', 'CANCELLED', 'COMPENSATED', 'FAILED')));
 
-DROP INDEX ix_workflow_instances_finished;
 CREATE INDEX ix_workflow_instances_finished ON workflow_instances (finished_at)
     WHERE finished_at IS NOT NULL;
 ALTER TABLE workflow_instances SET (fillfactor = 80);

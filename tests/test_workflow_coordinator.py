@@ -199,50 +199,86 @@ def test_a_start_with_notify_off_or_rolled_back_with_its_host_wakes_no_worker(
     assert wake_ups(listener, 1) == ["other"]
 
 
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit-pool", "transaction-pool"])
 def test_a_start_overlapping_another_commits_without_notify_and_is_announced_after(
-    wc: WorkflowCoordinator,
+    autocommit: bool,
+    engine_config: EngineConfig,
     host: psycopg.Connection[Any],
     listener: psycopg.Connection[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """PostgreSQL serialises the commits of transactions that NOTIFY (one lock, held through the WAL
     flush), so while one start of an engine is in flight, another commits without notifying and the
-    engine announces it once it has committed."""
-    register(wc, "shop", chain("a"))
-    register(wc, "shop", chain("a"), namespace="other")
-    channels: dict[str, str | None] = {}
+    engine announces it once it has committed (on a pool of non-autocommit connections too, where the
+    start is a transaction of its own)."""
+    with create_pool(engine_config, kwargs={"autocommit": autocommit}) as pool:
+        wc = WorkflowCoordinator(pool, engine_config)
+        register(wc, "shop", chain("a"))
+        register(wc, "shop", chain("a"), namespace="other")
+        repo = wc.engine.repos.instances
+        channels: dict[str, str | None] = {}
+        committed_when_announced: list[bool] = []
+        start_many, announce = repo.workflow_start_many, repo.announce
+
+        def start_spy(conn: psycopg.Connection[Any], instances: list[Any], *args: Any, **kw: Any) -> Any:
+            channels[instances[0]["run_id"]] = kw["channel"]
+            return start_many(conn, instances, *args, **kw)
+
+        visible = sql.SQL("SELECT count(*) FROM {}.workflow_instances WHERE run_id = 'overlapping'").format(
+            sql.Identifier(engine_config.schema)
+        )
+
+        def announce_spy(conn: psycopg.Connection[Any], channel: str, namespaces: list[str]) -> None:
+            with psycopg.connect(engine_config.dsn) as other:
+                committed_when_announced.append(other.execute(visible).fetchone() == (1,))
+            announce(conn, channel, namespaces)
+
+        monkeypatch.setattr(repo, "workflow_start_many", start_spy)
+        monkeypatch.setattr(repo, "announce", announce_spy)
+        host.execute("INSERT INTO public.orders VALUES (1)")  # opens the host's implicit transaction
+        start(wc, "shop", run_id="held", conn=host)  # which now holds this run_id, uncommitted
+        assert channels.pop("held") == wc.engine.channel, "in a host's transaction the start notifies itself"
+        in_flight = threading.Thread(target=start, args=(wc, "shop"), kwargs={"run_id": "held"})
+        in_flight.start()  # waits on the host's transaction (ON CONFLICT), holding its NOTIFY turn
+        deadline = time.monotonic() + 10
+        with psycopg.connect(engine_config.dsn, autocommit=True) as probe:
+            while not probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()[0]:  # type: ignore[index]
+                assert time.monotonic() < deadline, "the first start never waited on the host's run_id"
+                time.sleep(0.01)
+
+        overlapping = start(wc, "shop", namespace="other", run_id="overlapping")
+        assert channels["overlapping"] is None, "the overlapping start does not notify in its transaction"
+        assert wake_ups(listener, 1) == ["other"], "it is announced"
+        assert committed_when_announced == [True], "once committed"
+        assert wc.find_workflow("other", "shop", "overlapping") == overlapping
+
+        host.commit()
+        in_flight.join(timeout=10)
+        assert not in_flight.is_alive()
+        assert channels["held"] == wc.engine.channel, "the start in flight notified itself"
+        assert wake_ups(listener, 1) == [NAMESPACE], "the host's commit announces its start"
+        assert wc.find_workflow(NAMESPACE, "shop", "held") is not None
+
+
+def test_an_announcement_that_failed_is_sent_again(
+    wc: WorkflowCoordinator, listener: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = wc.engine.repos.instances
-    real = repo.workflow_start_many
+    real, tries = repo.announce, []
 
-    def spy(conn: psycopg.Connection[Any], instances: list[dict[str, Any]], *args: Any, **kw: Any) -> Any:
-        channels[instances[0]["run_id"]] = kw["channel"]
-        return real(conn, instances, *args, **kw)
+    def flaky(conn: psycopg.Connection[Any], channel: str, namespaces: list[str]) -> None:
+        tries.append(namespaces)
+        if len(tries) == 1:
+            raise psycopg.OperationalError("the connection dropped")
+        real(conn, channel, namespaces)
 
-    monkeypatch.setattr(repo, "workflow_start_many", spy)
-    host.execute("INSERT INTO public.orders VALUES (1)")  # opens the host's implicit transaction
-    start(wc, "shop", run_id="held", conn=host)  # which now holds this run_id, uncommitted
-    assert channels.pop("held") == wc.engine.channel, "in a host's transaction the start notifies itself"
-    in_flight = threading.Thread(target=start, args=(wc, "shop"), kwargs={"run_id": "held"})
-    in_flight.start()  # waits on the host's transaction (ON CONFLICT), holding its NOTIFY turn
-    deadline = time.monotonic() + 10
-    with psycopg.connect(wc.engine.config.dsn, autocommit=True) as probe:
-        while not probe.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'"
-        ).fetchone()[0]:  # type: ignore[index]
-            assert time.monotonic() < deadline, "the first start never waited on the host's run_id"
-            time.sleep(0.01)
-
-    overlapping = start(wc, "shop", namespace="other", run_id="overlapping")
-    assert channels["overlapping"] is None, "the overlapping start does not notify in its transaction"
-    assert wake_ups(listener, 1) == ["other"], "it is announced once committed"
-    assert wc.find_workflow("other", "shop", "overlapping") == overlapping
-
-    host.commit()
-    in_flight.join(timeout=10)
-    assert channels["held"] == wc.engine.channel, "the start in flight notified itself"
-    assert wake_ups(listener, 1) == [NAMESPACE], "the host's commit announces its start"
-    assert wc.find_workflow(NAMESPACE, "shop", "held") is not None
+    monkeypatch.setattr(repo, "announce", flaky)
+    wc.engine.announce_later(["other"])
+    assert wake_ups(listener, 1) == ["other"]
+    assert tries == [["other"], ["other"]]
 
 
 def test_a_start_through_a_pool_of_non_autocommit_connections_is_committed(

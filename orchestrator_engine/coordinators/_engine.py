@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +28,8 @@ log = logging.getLogger("orchestrator_engine.engine")
 ANNOUNCE_INTERVAL = 0.002
 #: an announcer's thread ends after this long with nothing to send (the next write starts another)
 ANNOUNCER_IDLE_EXIT = 5.0
+#: the longest pause between two tries of a round that failed
+ANNOUNCE_RETRY_MAX = 2.0
 
 
 def notify_channel(schema: str) -> str:
@@ -197,16 +201,23 @@ class Engine:
 class _Announcer:
     """Notify idle workers of writes that committed without a NOTIFY, coalesced, on a thread of its own.
 
-    Each round sends one statement, in a transaction of its own that writes no WAL (so its commit does
-    not wait for a flush), for every namespace submitted since the last, then waits ANNOUNCE_INTERVAL:
-    under a stream of writes the cluster-wide NOTIFY lock is taken a few hundred times a second at
-    most, however many writes there are. A submission always follows its write's commit, so the
-    notification it leads to is sent after that commit. A round that fails is logged and dropped: a
-    worker's poll interval is the backstop for any lost notification.
+    Each round sends one statement for every namespace submitted since the last, then waits
+    ANNOUNCE_INTERVAL: under a stream of writes the cluster-wide NOTIFY lock is taken a few hundred
+    times a second at most, however many writes there are. The statement's transaction changes no
+    data, so it commits with ``synchronous_commit`` off and does not wait for a WAL flush while it
+    holds that lock. A submission always follows its write's commit, so the notification it leads to
+    is sent after that commit. A round that fails (no connection, the server away) goes back in the
+    queue and is retried with a growing pause; only a closed pool drops it. A worker's poll interval
+    is the backstop for a notification that never arrives.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._reset()
+        _ANNOUNCERS.add(self)
+
+    def _reset(self) -> None:
+        """Start empty, with no thread (also in a child process forked while a thread ran)."""
         self._cond = threading.Condition()
         self._pending: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -214,14 +225,23 @@ class _Announcer:
     def submit(self, namespaces: Iterable[str]) -> None:
         with self._cond:
             self._pending.update(namespaces)
-            # not alive: it has ended, or this is a child process forked after it started
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="orchestrator-announcer", daemon=True)
-                self._thread.start()
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="orchestrator-announcer", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # at interpreter shutdown, or out of threads: send it from here
+                    pass
+                else:
+                    self._thread = thread
             self._cond.notify()
+            if self._thread is not None:
+                return
+            pending, self._pending = sorted(self._pending), set()
+        if not self._send(pending):
+            log.warning("could not notify workers of %s; their poll interval will find the work", pending)
 
     def _run(self) -> None:
-        engine = self._engine
+        pause = ANNOUNCE_INTERVAL
         while True:
             with self._cond:
                 if not self._pending:
@@ -230,11 +250,38 @@ class _Announcer:
                     self._thread = None
                     return
                 namespaces, self._pending = sorted(self._pending), set()
-            try:
-                with engine.single() as c:
-                    engine.repos.instances.announce(c, engine.channel, namespaces)
-            except PoolClosed:
-                log.debug("pool closed: dropped the notification of %s", namespaces)
-            except Exception as exc:  # never let the thread die; the poll interval is the backstop
-                log.warning("could not notify workers of %s (%s)", namespaces, type(exc).__name__)
-            time.sleep(ANNOUNCE_INTERVAL)
+            if self._send(namespaces):
+                pause = ANNOUNCE_INTERVAL
+            else:
+                with self._cond:
+                    self._pending.update(namespaces)  # retried with the next round
+                pause = min(pause * 4, ANNOUNCE_RETRY_MAX)
+            time.sleep(pause)
+
+    def _send(self, namespaces: list[str]) -> bool:
+        """Send one round; False if it should be retried (a closed pool drops it: True)."""
+        engine = self._engine
+        try:
+            with engine.single() as c:
+                engine.repos.instances.announce(c, engine.channel, namespaces)
+        except PoolClosed:
+            log.debug("pool closed: dropped the notification of %s", namespaces)
+        except Exception as exc:  # never let the thread die
+            log.info("could not notify workers of %s yet: %s", namespaces, exc)
+            return False
+        return True
+
+
+#: every announcer of this process, reset in a child process after fork (threads do not survive it,
+#: and the condition's lock may have been held by one of them)
+_ANNOUNCERS: weakref.WeakSet[_Announcer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for announcer in list(_ANNOUNCERS):
+        announcer._reset()
+        announcer._engine._notifying = 0  # a start in flight in the parent is not the child's
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)

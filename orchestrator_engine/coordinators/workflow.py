@@ -151,13 +151,17 @@ class WorkflowCoordinator:
             # workers itself unless another write of this engine that notifies is in flight, in which
             # case the notification follows its commit (see Engine.notifying)
             announce: set[str] = set()
-            with self._engine.notifying() as inline, self._engine.single() as c:
-                started = self._start_many(
-                    c, checked, in_transaction=False, announce=None if inline else announce
-                )
-            if started is not None:
-                if announce:  # committed above
+            try:
+                with self._engine.notifying() as inline, self._engine.single() as c:
+                    started = self._start_many(
+                        c, checked, in_transaction=False, announce=None if inline else announce
+                    )
+            finally:
+                # the statement has committed (or rolled back, and a spare wake-up costs one poll),
+                # even when reading back an instance that existed raised afterwards
+                if announce:
                     self._engine.announce_later(announce)
+            if started is not None:
                 return started
         with self._engine.transaction(conn) as c:
             started = self._start_many(c, checked, in_transaction=True, announce=None)

@@ -141,8 +141,11 @@ SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM tasks) A
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
 
 -- name: announce
--- Wake idle workers of these namespaces. Sent in a transaction of its own, after the write it
--- announces has committed: PostgreSQL serialises the commits of every transaction that notifies (a
--- cluster-wide lock, held through the WAL flush), so a write that notified itself could not share a
--- flush with any other. This one writes no WAL and commits without waiting for a flush.
-SELECT pg_notify(%(channel)s::text, n.namespace) FROM unnest(%(namespaces)s::text[]) AS n(namespace)
+-- Wake idle workers of these namespaces, after the writes this announces have committed, in a
+-- transaction of its own. PostgreSQL serialises the commits of every transaction that notifies (a
+-- cluster-wide lock held through the commit's WAL flush); this transaction changes no data, so it
+-- commits with synchronous_commit off and holds that lock only briefly. A crash can lose it, as it
+-- would lose any notification not yet delivered.
+SELECT pg_notify(%(channel)s::text, n.namespace)
+FROM unnest(%(namespaces)s::text[]) AS n(namespace),
+     (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
