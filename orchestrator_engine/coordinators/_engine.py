@@ -25,7 +25,7 @@ from ._unit import InstanceUnit
 log = logging.getLogger("orchestrator_engine.engine")
 
 #: an announcer sends at most one NOTIFY statement per this many seconds, covering every write since
-ANNOUNCE_INTERVAL = 0.002
+ANNOUNCE_INTERVAL = 0.005
 #: an announcer's thread ends after this long with nothing to send (the next write starts another)
 ANNOUNCER_IDLE_EXIT = 5.0
 #: the longest pause between two tries of a round that failed
