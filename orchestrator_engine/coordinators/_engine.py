@@ -52,8 +52,8 @@ class Engine:
         self._start_plans: dict[tuple[str, str, int], tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        #: writes of this engine in flight that notify in their own transaction (0 or 1)
-        self._notifying = 0
+        #: whether a write of this engine that notifies in its own transaction is in flight
+        self._notifying = False
         self._announcer = _Announcer(self)
 
     @contextmanager
@@ -102,14 +102,14 @@ class Engine:
         a write that overlaps it commits without notifying and calls ``announce_later`` once committed.
         """
         with self._lock:
-            inline = self._notifying == 0
-            self._notifying += inline
+            inline = not self._notifying
+            self._notifying = True
         try:
             yield inline
         finally:
             if inline:
                 with self._lock:
-                    self._notifying -= 1
+                    self._notifying = False
 
     def announce_later(self, namespaces: Iterable[str]) -> None:
         """Wake idle workers of ``namespaces`` soon, from the announcer: call after the write committed."""
@@ -280,7 +280,7 @@ _ANNOUNCERS: weakref.WeakSet[_Announcer] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for announcer in list(_ANNOUNCERS):
         announcer._reset()
-        announcer._engine._notifying = 0  # a start in flight in the parent is not the child's
+        announcer._engine._notifying = False  # a start in flight in the parent is not the child's
 
 
 if hasattr(os, "register_at_fork"):  # POSIX

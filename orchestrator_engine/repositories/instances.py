@@ -24,7 +24,7 @@ class InstanceRepository(Repository):
         return self._all(conn, "workflow_start_many", self.start_parameters(instances, plan_texts, channel))
 
     def announce(self, conn: psycopg.Connection[Any], channel: str, namespaces: list[str]) -> None:
-        """Wake idle workers of ``namespaces``: on an autocommit connection, a transaction of its own."""
+        """Wake idle workers of ``namespaces``; send it in a transaction of its own (``Engine.single``)."""
         self._run(conn, "announce", {"channel": channel, "namespaces": namespaces})
 
     @staticmethod
