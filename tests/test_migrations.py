@@ -339,6 +339,24 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
             " lease_expires_at = NULL WHERE workflow_instance_id = %s",
             (waiting,),
         )
+    # 0005: the child tables lost their cascade; purge's function takes the cancelled workflow whole,
+    # events written by 0001's engine included, and nothing of the others
+    with create_pool(config, min_size=1, max_size=1) as pool:
+        assert WorkflowCoordinator(pool, config).purge(older_than=timedelta(0)) == 1
+    owner_column = {"workflow_instances": "instance_id"}
+    with psycopg.connect(empty_dsn) as conn:
+        owners = {
+            table: conn.execute(
+                sql.SQL("SELECT array_agg(DISTINCT {}) FROM {}").format(
+                    sql.Identifier(owner_column.get(table, "workflow_instance_id")),
+                    sql.Identifier("upgraded", table),
+                )
+            ).fetchone()[0]  # type: ignore[index]
+            for table in ("workflow_instances", "task_executions", "execution_leases", "events")
+        }
+    assert all(cancelled not in (ids or []) for ids in owners.values()), owners
+    assert sorted(owners["workflow_instances"]) == sorted([waiting, requeued])
+    assert sorted(owners["events"]) == sorted([waiting, requeued])
 
 
 def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:

@@ -6,6 +6,7 @@ import threading
 import time
 from datetime import timedelta
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from orchestrator_engine import (
     EngineConfig,
     StartWorkflowRequest,
+    TaskCoordinator,
     TaskDefinition,
     WorkflowCoordinator,
     WorkflowDefinition,
@@ -53,6 +55,53 @@ def test_purge_keeps_running_and_recent_workflows(pool: Any, engine_config: Engi
     counts = row_counts(dsn)
     assert counts["workflow_instances"] == 1
     assert counts["task_executions"] == 2  # the running instance's two tasks only
+
+
+def rows_of(dsn: str, instance_id: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with psycopg.connect(dsn) as conn:
+        for table in TABLES:
+            column = "instance_id" if table == "workflow_instances" else "workflow_instance_id"
+            row = conn.execute(
+                f"SELECT count(*) FROM orchestrator.{table} WHERE {column} = %s", (instance_id,)
+            ).fetchone()
+            counts[table] = row[0]  # type: ignore[index]
+    return counts
+
+
+def test_purge_function_deletes_finished_workflows_whole_and_never_a_live_one(
+    pool: Any, engine_config: EngineConfig, dsn: str
+) -> None:
+    # The child tables have no foreign keys since 0005: the function deletes the children itself. It
+    # is SECURITY DEFINER, so it must refuse a live workflow even when the caller names its state.
+    wc, tc = WorkflowCoordinator(pool, engine_config), TaskCoordinator(pool, engine_config)
+    wc.register_workflow(PAIR)
+    live = wc.start_workflow(StartWorkflowRequest("retention", "pair", "live"))
+    done = wc.start_workflow(StartWorkflowRequest("retention", "pair", "done"))
+    leased = tc.poll_tasks(uuid4(), limit=2)
+    assert {e.workflow_instance_id for e in leased} == {live.instance_id, done.instance_id}
+    wc.cancel_workflow(done.instance_id)
+    before = rows_of(dsn, live.instance_id)
+    assert before == {"workflow_instances": 1, "task_executions": 2, "execution_leases": 1, "events": 3}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # cancelling deleted the lease row, and no engine path leaves one behind a finished
+        # workflow: write one, so that the purge is seen to take leases too
+        conn.execute(
+            "INSERT INTO orchestrator.execution_leases (lease_key, workflow_instance_id, fence_token) "
+            "SELECT execution_id, workflow_instance_id, fence_token FROM orchestrator.task_executions "
+            "WHERE workflow_instance_id = %s AND task_id = 'a'",
+            (done.instance_id,),
+        )
+    assert all(rows_of(dsn, done.instance_id).values())
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        purged = conn.execute(
+            "SELECT instance_id FROM orchestrator.purge_finished_instances(%s, %s, %s)",
+            (["RUNNING", "CANCELLED"], timedelta(0), 100),
+        ).fetchall()
+    assert purged == [(done.instance_id,)]
+    assert rows_of(dsn, done.instance_id) == dict.fromkeys(TABLES, 0)
+    assert rows_of(dsn, live.instance_id) == before
 
 
 def test_tables_stay_flat_under_continuous_churn_with_periodic_purge(

@@ -1,15 +1,9 @@
 -- name: maintenance_purge_batch
--- Delete one bounded batch of finished instances; executions, leases and events go by cascade.
-WITH doomed AS (
-    SELECT instance_id FROM {schema}.workflow_instances
-    WHERE state = ANY(%(states)s::text[]) AND finished_at < now() - %(older_than)s::interval
-    ORDER BY finished_at
-    LIMIT %(batch_size)s
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM {schema}.workflow_instances w USING doomed d
-WHERE w.instance_id = d.instance_id
-RETURNING w.instance_id
+-- Delete one bounded batch of finished instances with their executions, leases and events: the
+-- function purge_finished_instances (migration 0005), which runs as the schema's owner, so the
+-- runtime role needs no DELETE on any table for it.
+SELECT p.instance_id
+FROM {schema}.purge_finished_instances(%(states)s::text[], %(older_than)s::interval, %(batch_size)s::integer) p
 
 -- name: maintenance_counts_by_state
 SELECT namespace, state, count(*) AS workflows
