@@ -7,8 +7,8 @@
 -- bulk start's server time and the event_id index added five random-key index entries per workflow.
 -- Here:
 -- * the child tables keep workflow_instance_id but no foreign key. Every engine statement that writes
---   a child row holds its instance's row lock, or inserts the instance in the same statement, so the
---   check never had anything to catch that the lock did not already exclude;
+--   a child row holds its instance's row lock, or inserts the instance in the same statement, and
+--   the only deleter of instances, purge below, takes that lock before it deletes any row;
 -- * the cascade that purge relied on is purge_finished_instances: it deletes finished instances and
 --   their executions, leases and events in one statement. It runs as its owner (SECURITY DEFINER),
 --   so the runtime role needs neither DELETE on events and task_executions (history stays
@@ -30,17 +30,40 @@ DROP INDEX ix_execution_leases_instance;
 ALTER TABLE events DROP CONSTRAINT pk_events;
 ALTER TABLE events REPLICA IDENTITY USING INDEX uk_events_sequence;
 
+-- A SECURITY DEFINER function must not resolve a name in a schema its caller controls: the caller's
+-- temporary schema comes first in any search_path that does not name it, so a temporary table called
+-- workflow_instances would stand in for ours. Its search_path is the engine's schema (set by the
+-- migrator), then pg_temp, last.
+-- (A DO block, because yoyo prints the rows a migration's SELECT returns.)
+DO $$ BEGIN PERFORM set_config('search_path', current_setting('search_path') || ', pg_temp', true); END $$;
+
 -- One bounded batch of the oldest finished instances, each deleted with everything it owns. Only
 -- finished instances (finished_at is set exactly when the state is a finished one, by constraint),
 -- whatever p_states names; SKIP LOCKED, so a batch never waits for a busy row.
+-- The batch is locked first, and each delete is a statement of its own, run after: with its own
+-- snapshot, it sees the rows a writer committed before the lock was taken (a late result of a
+-- FAILED workflow's running task), and no writer adds rows once it is held. One statement would
+-- read every table with the snapshot of its start and could leave such rows behind.
+-- The deletes are index probes by instance id; scans are off so that no plan, generic or estimated
+-- from stale statistics, reads a whole table per batch.
 CREATE FUNCTION purge_finished_instances(p_states text[], p_older_than interval, p_batch_size integer)
 RETURNS TABLE (instance_id uuid)
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
 SECURITY DEFINER
 SET search_path FROM CURRENT
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
-    WITH doomed AS (
+DECLARE
+    doomed uuid[];
+BEGIN
+    IF p_batch_size IS NULL OR p_batch_size < 1 THEN
+        RAISE EXCEPTION 'p_batch_size must be a positive integer, got %', p_batch_size
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT array_agg(b.instance_id) INTO doomed
+    FROM (
         SELECT w.instance_id
         FROM workflow_instances w
         WHERE w.state = ANY(p_states) AND w.finished_at IS NOT NULL
@@ -48,22 +71,17 @@ AS $$
         ORDER BY w.finished_at
         LIMIT p_batch_size
         FOR UPDATE SKIP LOCKED
-    ), gone AS (
-        DELETE FROM workflow_instances w USING doomed d
-        WHERE w.instance_id = d.instance_id
-        RETURNING w.instance_id
-    ), executions AS (
-        DELETE FROM task_executions e USING gone g
-        WHERE e.workflow_instance_id = g.instance_id
-        RETURNING e.execution_id
-    ), leases AS (
-        DELETE FROM execution_leases l USING executions x
-        WHERE l.lease_key = x.execution_id
-    ), history AS (
-        DELETE FROM events v USING gone g
-        WHERE v.workflow_instance_id = g.instance_id
-    )
-    SELECT g.instance_id FROM gone g
+    ) b;
+    IF doomed IS NULL THEN
+        RETURN;
+    END IF;
+    DELETE FROM execution_leases l USING task_executions e
+    WHERE e.workflow_instance_id = ANY(doomed) AND l.lease_key = e.execution_id;
+    DELETE FROM task_executions e WHERE e.workflow_instance_id = ANY(doomed);
+    DELETE FROM events v WHERE v.workflow_instance_id = ANY(doomed);
+    RETURN QUERY
+    DELETE FROM workflow_instances w WHERE w.instance_id = ANY(doomed) RETURNING w.instance_id;
+END
 $$;
 
 REVOKE EXECUTE ON FUNCTION purge_finished_instances(text[], interval, integer) FROM PUBLIC;

@@ -104,6 +104,37 @@ def test_purge_function_deletes_finished_workflows_whole_and_never_a_live_one(
     assert rows_of(dsn, live.instance_id) == before
 
 
+def test_purge_function_ignores_a_temporary_table_that_shadows_its_own(
+    pool: Any, engine_config: EngineConfig, dsn: str
+) -> None:
+    # It runs as the schema's owner: a caller's temporary workflow_instances, naming a live workflow
+    # as finished, must not decide what it deletes (its search_path puts pg_temp last). Nor may any
+    # role call it without a grant.
+    wc = WorkflowCoordinator(pool, engine_config)
+    wc.register_workflow(PAIR)
+    live = wc.start_workflow(StartWorkflowRequest("retention", "pair", "live"))
+    before = rows_of(dsn, live.instance_id)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TEMP TABLE workflow_instances (instance_id uuid, state text, finished_at timestamptz)"
+        )
+        conn.execute(
+            "INSERT INTO pg_temp.workflow_instances VALUES (%s, 'COMPLETED', now() - interval '1 day')",
+            (live.instance_id,),
+        )
+        purged = conn.execute(
+            "SELECT instance_id FROM orchestrator.purge_finished_instances(%s, %s, %s)",
+            (["COMPLETED"], timedelta(0), 100),
+        ).fetchall()
+        public_may_call = conn.execute(
+            "SELECT has_function_privilege('public', "
+            "'orchestrator.purge_finished_instances(text[], interval, integer)', 'EXECUTE')"
+        ).fetchone()
+    assert purged == []
+    assert rows_of(dsn, live.instance_id) == before
+    assert public_may_call == (False,)
+
+
 def test_tables_stay_flat_under_continuous_churn_with_periodic_purge(
     pool: Any, engine_config: EngineConfig, dsn: str
 ) -> None:
