@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
-from uuid import UUID
+from uuid import RFC_4122, UUID
 
 import psycopg
 import pytest
@@ -778,3 +778,18 @@ def test_task_transition_table_never_reopens_a_finished_attempt() -> None:
     finished = {s for s in TaskState if s.is_terminal}
     assert finished == {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED}
     assert {src for src, _ in TASK_TRANSITIONS}.isdisjoint(finished)
+
+
+def test_ids_made_in_batches_are_distinct_time_ordered_uuidv7_texts() -> None:
+    from orchestrator_engine.coordinators._ids import new_id, new_id_texts
+
+    before = new_id()
+    texts = new_id_texts(1_000)
+    after = new_id()
+    ids = [UUID(t) for t in texts]
+    assert [str(i) for i in ids] == texts, "canonical lower-case text"
+    assert len(set(ids)) == 1_000
+    assert {(i.version, i.variant) for i in ids} == {(7, RFC_4122)}
+    # the first 48 bits are the Unix time in ms: between two ids made before and after
+    assert all(before.int >> 80 <= i.int >> 80 <= after.int >> 80 for i in ids)
+    assert new_id_texts(0) == []

@@ -12,6 +12,10 @@ from ..errors import InvalidDefinitionError
 MAX_RUN_ID = 256
 
 
+_VERSION_AND_VARIANT = 0x7 << 76 | 0x2 << 62  # version 7, RFC 9562 variant
+_RANDOM_BITS = (1 << 80) - 1 & ~(0xF << 76) & ~(0x3 << 62)  # the 74 bits left for randomness
+
+
 def new_id() -> UUID:
     """Return a UUIDv7 (RFC 9562): a 48-bit Unix time in ms, then random bits.
 
@@ -20,9 +24,22 @@ def new_id() -> UUID:
     WAL after each checkpoint) for every insert.
     """
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
-    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
-    return UUID(int=value)
+    return UUID(int=value & ~(0xF << 76 | 0x3 << 62) | _VERSION_AND_VARIANT)
+
+
+def new_id_texts(count: int) -> list[str]:
+    """Return ``count`` ids as ``new_id`` makes them, as text, from one clock read and one random read.
+
+    For a batch of starts: building a UUID object per id, only to turn it into text for the
+    statement's JSON, took a fifth of a bulk start's client CPU.
+    """
+    ms = (time.time_ns() // 1_000_000) << 80 | _VERSION_AND_VARIANT
+    noise = os.urandom(10 * count)
+    out = []
+    for i in range(0, 10 * count, 10):
+        h = "%032x" % (ms | int.from_bytes(noise[i : i + 10], "big") & _RANDOM_BITS)
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return out
 
 
 def as_uuid(value: object, what: str) -> UUID:

@@ -32,7 +32,7 @@ from ..models import (
 )
 from ..telemetry import traced
 from ._engine import Engine
-from ._ids import as_name, as_run_id, as_uuid, as_version, new_id
+from ._ids import as_name, as_run_id, as_uuid, as_version, new_id_texts
 
 W = WorkflowState
 PURGEABLE = (W.COMPLETED, W.CANCELLED, W.COMPENSATED)
@@ -422,7 +422,7 @@ class _StartBatch:
         self.plan_texts: list[str] = []
         self._plan_of = plan_of or _start_plan  # the coordinator's goes through the engine's cache
         self._plans: dict[tuple[str, str, int], tuple[int, int]] = {}  # -> (index, sequence number)
-        self._meta: dict[UUID, tuple[StartWorkflowRequest, Any, int, int]] = {}
+        self._meta: dict[str, tuple[StartWorkflowRequest, Any, int, int]] = {}
 
     def add(
         self, request: StartWorkflowRequest, input_text: str, definition: WorkflowDefinition, order: int
@@ -434,12 +434,12 @@ class _StartBatch:
             text, sequence_number = self._plan_of(definition)
             plan = self._plans[key] = (len(self.plan_texts), sequence_number)
             self.plan_texts.append(text)
-        instance_id = new_id()
+        instance_id, *execution_ids = new_id_texts(1 + len(definition.tasks))
         workflow_input = json.loads(input_text)
         self._meta[instance_id] = (request, workflow_input, definition.version, plan[1])
         self.instances.append(
             {
-                "instance_id": str(instance_id),
+                "instance_id": instance_id,
                 "namespace": request.namespace,
                 "workflow_name": request.workflow_name,
                 "workflow_version": definition.version,
@@ -448,7 +448,7 @@ class _StartBatch:
                 "ord": order,
                 "latest": request.version is None,
                 "plan": plan[0],
-                "execution_ids": [str(new_id()) for _ in definition.tasks],
+                "execution_ids": execution_ids,
             }
         )
 
@@ -458,7 +458,7 @@ class _StartBatch:
         for row in rows:
             if row["instance_id"] is None:
                 continue  # the row of NULLs: nothing was started
-            request, workflow_input, version, sequence_number = self._meta[row["instance_id"]]
+            request, workflow_input, version, sequence_number = self._meta[str(row["instance_id"])]
             out[(request.namespace, request.workflow_name, request.run_id)] = WorkflowInstance(
                 instance_id=row["instance_id"],
                 namespace=request.namespace,
