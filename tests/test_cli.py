@@ -163,16 +163,17 @@ def test_doctor_reports_rows_left_by_an_instance_deleted_around_the_engine(
     capsys: pytest.CaptureFixture[str], dsn: str, started: Any
 ) -> None:
     # no foreign key removes a workflow's rows with it since 0005; only purge does
-    _, _, instance_id = started
+    _, tc, instance_id = started
+    assert len(tc.poll_tasks(uuid.uuid4())) == 1  # a lease row too
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM orchestrator.workflow_instances WHERE instance_id = %s", (instance_id,))
     code, text = run(capsys, "doctor", "--dsn", dsn)
     assert code == EXIT_VIOLATIONS
-    orphans = sorted(line.strip() for line in text.splitlines() if "rows-have-instance" in line)
-    assert orphans == [
-        f"VIOLATION rows-have-instance in {instance_id}: 2 {child} rows of an instance that does not exist"
-        for child in ("events", "task_executions")
-    ]
+    orphans = {line.strip() for line in text.splitlines() if "rows-have-instance" in line}
+    assert orphans == {
+        f"VIOLATION rows-have-instance in {instance_id}: {n} {child} rows of an instance that does not exist"
+        for n, child in ((3, "events"), (1, "execution_leases"), (2, "task_executions"))
+    }
 
 
 def test_purge_deletes_only_old_finished_workflows(
