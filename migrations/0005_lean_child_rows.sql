@@ -3,14 +3,14 @@
 -- In 0001 every child row (an event, an execution, a lease) was checked against its instance by a
 -- foreign-key trigger, and every event was indexed twice for uniqueness: by its random event_id and
 -- by (workflow_instance_id, sequence_number). A single-task workflow writes five events, an execution
--- and a lease row, so the triggers (one lookup and row lock of the instance each) were a third of a
--- bulk start's server time and the event_id index added five random-key index entries per workflow.
+-- and a lease row, so the triggers (one lookup and row lock of the instance each) were a quarter of
+-- a bulk start's statement time and the event_id index added five random-key index entries per workflow.
 -- Here:
 -- * the child tables keep workflow_instance_id but no foreign key. Every engine statement that writes
 --   a child row holds its instance's row lock, or inserts the instance in the same statement, and
 --   the only deleter of instances, purge below, takes that lock before it deletes any row;
 -- * the cascade that purge relied on is purge_finished_instances: it deletes finished instances and
---   their executions, leases and events in one statement. It runs as its owner (SECURITY DEFINER),
+--   their executions, leases and events in one transaction. It runs as its owner (SECURITY DEFINER),
 --   so the runtime role needs neither DELETE on events and task_executions (history stays
 --   append-only for it) nor, from now on, DELETE on workflow_instances: it can remove only finished
 --   workflows, whole. PUBLIC may not call it (revoked below): grant the runtime role the right to;
