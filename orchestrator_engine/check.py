@@ -104,12 +104,12 @@ def check_invariants(
             r["workflow_instance_id"],
             f"execution {r['execution_id']} is RUNNING without a lease",
         )
-    orphans: dict[tuple[str, UUID], int] = {}
     for r in rows("check_rows_without_instance"):
-        key = (r["child"], r["workflow_instance_id"])
-        orphans[key] = orphans.get(key, 0) + 1
-    for (child, instance_id), count in orphans.items():
-        flag("rows-have-instance", instance_id, f"{count} {child} rows of an instance that does not exist")
+        flag(
+            "rows-have-instance",
+            r["workflow_instance_id"],
+            f"{r['n']} {r['child']} rows of an instance that does not exist",
+        )
     for r in rows("check_open_work_in_finished_workflows"):
         flag(
             "finished-has-no-open-work",

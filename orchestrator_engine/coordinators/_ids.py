@@ -23,8 +23,8 @@ def new_id() -> UUID:
     grow at their right edge instead of dirtying a random page (and writing its full image to the
     WAL after each checkpoint) for every insert.
     """
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    return UUID(int=value & ~(0xF << 76 | 0x3 << 62) | _VERSION_AND_VARIANT)
+    ms = (time.time_ns() // 1_000_000) << 80 | _VERSION_AND_VARIANT
+    return UUID(int=ms | int.from_bytes(os.urandom(10), "big") & _RANDOM_BITS)
 
 
 def new_id_texts(count: int) -> list[str]:

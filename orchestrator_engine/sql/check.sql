@@ -63,15 +63,19 @@ WHERE state = 'RUNNING' AND (lease_holder IS NULL OR lease_expires_at IS NULL)
 -- name: check_rows_without_instance
 -- The child tables have no foreign keys (migration 0005): every engine writer holds the instance's row
 -- lock, and purge deletes an instance with its rows. A row whose instance is gone was written or
--- deleted around the engine.
-SELECT 'task_executions' AS child, e.workflow_instance_id FROM {schema}.task_executions e
-WHERE NOT EXISTS (SELECT FROM {schema}.workflow_instances w WHERE w.instance_id = e.workflow_instance_id)
-UNION ALL
-SELECT 'execution_leases', l.workflow_instance_id FROM {schema}.execution_leases l
-WHERE NOT EXISTS (SELECT FROM {schema}.workflow_instances w WHERE w.instance_id = l.workflow_instance_id)
-UNION ALL
-SELECT 'events', v.workflow_instance_id FROM {schema}.events v
-WHERE NOT EXISTS (SELECT FROM {schema}.workflow_instances w WHERE w.instance_id = v.workflow_instance_id)
+-- deleted around the engine. One row per child table and missing instance, with how many rows.
+SELECT o.child, o.workflow_instance_id, count(*) AS n
+FROM (
+    SELECT 'task_executions' AS child, e.workflow_instance_id FROM {schema}.task_executions e
+    WHERE NOT EXISTS (SELECT FROM {schema}.workflow_instances w WHERE w.instance_id = e.workflow_instance_id)
+    UNION ALL
+    SELECT 'execution_leases', l.workflow_instance_id FROM {schema}.execution_leases l
+    WHERE NOT EXISTS (SELECT FROM {schema}.workflow_instances w WHERE w.instance_id = l.workflow_instance_id)
+    UNION ALL
+    SELECT 'events', v.workflow_instance_id FROM {schema}.events v
+    WHERE NOT EXISTS (SELECT FROM {schema}.workflow_instances w WHERE w.instance_id = v.workflow_instance_id)
+) o
+GROUP BY o.child, o.workflow_instance_id
 
 -- name: check_open_work_in_finished_workflows
 SELECT e.workflow_instance_id, e.execution_id, e.state, w.state AS workflow_state
