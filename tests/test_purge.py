@@ -27,9 +27,19 @@ PAIR = WorkflowDefinition("retention", "pair", [TaskDefinition("a"), TaskDefinit
 TABLES = ("workflow_instances", "task_executions", "execution_leases", "events")
 
 
-def row_counts(dsn: str) -> dict[str, int]:
+def row_counts(dsn: str, instance_id: Any = None) -> dict[str, int]:
+    """Rows in each table: all of them, or those of one instance."""
+    counts: dict[str, int] = {}
     with psycopg.connect(dsn) as conn:
-        return {t: conn.execute(f"SELECT count(*) FROM orchestrator.{t}").fetchone()[0] for t in TABLES}  # type: ignore[index]
+        for table in TABLES:
+            query = f"SELECT count(*) FROM orchestrator.{table}"
+            params: tuple[Any, ...] = ()
+            if instance_id is not None:
+                column = "instance_id" if table == "workflow_instances" else "workflow_instance_id"
+                query += f" WHERE {column} = %s"
+                params = (instance_id,)
+            counts[table] = conn.execute(query, params).fetchone()[0]  # type: ignore[index]
+    return counts
 
 
 def test_purge_rejects_unfinished_states_and_bad_arguments(pool: Any, engine_config: EngineConfig) -> None:
@@ -57,18 +67,6 @@ def test_purge_keeps_running_and_recent_workflows(pool: Any, engine_config: Engi
     assert counts["task_executions"] == 2  # the running instance's two tasks only
 
 
-def rows_of(dsn: str, instance_id: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    with psycopg.connect(dsn) as conn:
-        for table in TABLES:
-            column = "instance_id" if table == "workflow_instances" else "workflow_instance_id"
-            row = conn.execute(
-                f"SELECT count(*) FROM orchestrator.{table} WHERE {column} = %s", (instance_id,)
-            ).fetchone()
-            counts[table] = row[0]  # type: ignore[index]
-    return counts
-
-
 def test_purge_function_deletes_finished_workflows_whole_and_never_a_live_one(
     pool: Any, engine_config: EngineConfig, dsn: str
 ) -> None:
@@ -81,7 +79,7 @@ def test_purge_function_deletes_finished_workflows_whole_and_never_a_live_one(
     leased = tc.poll_tasks(uuid4(), limit=2)
     assert {e.workflow_instance_id for e in leased} == {live.instance_id, done.instance_id}
     wc.cancel_workflow(done.instance_id)
-    before = rows_of(dsn, live.instance_id)
+    before = row_counts(dsn, live.instance_id)
     assert before == {"workflow_instances": 1, "task_executions": 2, "execution_leases": 1, "events": 3}
     with psycopg.connect(dsn, autocommit=True) as conn:
         # cancelling deleted the lease row, and no engine path leaves one behind a finished
@@ -92,7 +90,7 @@ def test_purge_function_deletes_finished_workflows_whole_and_never_a_live_one(
             "WHERE workflow_instance_id = %s AND task_id = 'a'",
             (done.instance_id,),
         )
-    assert all(rows_of(dsn, done.instance_id).values())
+    assert all(row_counts(dsn, done.instance_id).values())
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         purged = conn.execute(
@@ -100,8 +98,8 @@ def test_purge_function_deletes_finished_workflows_whole_and_never_a_live_one(
             (["RUNNING", "CANCELLED"], timedelta(0), 100),
         ).fetchall()
     assert purged == [(done.instance_id,)]
-    assert rows_of(dsn, done.instance_id) == dict.fromkeys(TABLES, 0)
-    assert rows_of(dsn, live.instance_id) == before
+    assert row_counts(dsn, done.instance_id) == dict.fromkeys(TABLES, 0)
+    assert row_counts(dsn, live.instance_id) == before
 
 
 def test_purge_function_ignores_a_temporary_table_that_shadows_its_own(
@@ -113,7 +111,7 @@ def test_purge_function_ignores_a_temporary_table_that_shadows_its_own(
     wc = WorkflowCoordinator(pool, engine_config)
     wc.register_workflow(PAIR)
     live = wc.start_workflow(StartWorkflowRequest("retention", "pair", "live"))
-    before = rows_of(dsn, live.instance_id)
+    before = row_counts(dsn, live.instance_id)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "CREATE TEMP TABLE workflow_instances (instance_id uuid, state text, finished_at timestamptz)"
@@ -131,7 +129,7 @@ def test_purge_function_ignores_a_temporary_table_that_shadows_its_own(
             "'orchestrator.purge_finished_instances(text[], interval, integer)', 'EXECUTE')"
         ).fetchone()
     assert purged == []
-    assert rows_of(dsn, live.instance_id) == before
+    assert row_counts(dsn, live.instance_id) == before
     assert public_may_call == (False,)
 
 
