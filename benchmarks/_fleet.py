@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,8 @@ class WorkerReport:
     crashes: list[str] = field(default_factory=list)
     #: CPU seconds the worker process used (all threads) from release to stop
     cpu_s: float = 0.0
+    #: context switches of the worker process's threads from release to stop
+    switches: int = 0
 
 
 #: connections in each worker process's pool
@@ -148,6 +151,7 @@ def _worker_main(
         workers = [new_worker()]
         barrier.wait(STARTUP_TIMEOUT_S)
         cpu0 = time.process_time()
+        switches0 = _context_switches()
         workers[-1].start()
         while not stop.wait(0.05):
             if crashed.is_set():
@@ -156,7 +160,12 @@ def _worker_main(
                 workers.append(new_worker())
                 workers[-1].start()
         workers[-1].stop(timeout=30)
-        report = WorkerReport(handler_starts=starts, crashes=crashes, cpu_s=time.process_time() - cpu0)
+        report = WorkerReport(
+            handler_starts=starts,
+            crashes=crashes,
+            cpu_s=time.process_time() - cpu0,
+            switches=_context_switches() - switches0,
+        )
         for w in workers:
             s = w.stats
             report.started += s.started
@@ -166,3 +175,9 @@ def _worker_main(
             report.polls += s.polls
             report.notifications += s.notifications
         reports.put(report)
+
+
+def _context_switches() -> int:
+    """Voluntary and involuntary context switches of this process, ended threads included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw

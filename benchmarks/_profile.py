@@ -18,7 +18,7 @@ from orchestrator_engine import create_pool
 
 from . import _shapes
 from ._env import fresh_schema, server, vacuum_analyze
-from ._fleet import WorkerSpec, run_workers
+from ._fleet import WorkerReport, WorkerSpec, run_workers
 from ._sql import bench_queries
 from ._throughput import read_window, wait_until_finished
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{description}; {window.tasks:,} tasks drained by {args.processes} x {args.concurrency} in "
             f"{window.seconds:.1f} s = {window.tasks_per_s:,.0f} tasks/s"
         )
-        _print_cpu(cpu, sum(r.cpu_s for r in reports), window.tasks, window.seconds)
+        _print_cpu(cpu, reports, window.tasks, window.seconds)
         _print_task_times(dsn)
         _print_statements(dsn, window.tasks)
     if args.py_spy is not None:
@@ -103,14 +103,20 @@ def _backend_cpu(dsn: str) -> dict[int, float]:
     return out
 
 
-def _print_cpu(cpu: dict[str, dict[int, float]], worker_cpu: float, tasks: int, seconds: float) -> None:
+def _print_cpu(
+    cpu: dict[str, dict[int, float]], reports: list[WorkerReport], tasks: int, seconds: float
+) -> None:
     before, after = cpu.get("before", {}), cpu.get("after", {})
     server_cpu = sum(v - before.get(pid, 0.0) for pid, v in after.items())
+    worker_cpu = sum(r.cpu_s for r in reports)
     print(
-        f"CPU: workers {worker_cpu:.1f} s ({worker_cpu / tasks * 1000:.2f} ms/task), server processes "
-        f"{server_cpu:.1f} s ({server_cpu / tasks * 1000:.2f} ms/task), over {seconds:.1f} s wall on "
+        f"CPU: workers {worker_cpu:.1f} s ({worker_cpu / tasks * 1000:.3f} ms/task), server processes "
+        f"{server_cpu:.1f} s ({server_cpu / tasks * 1000:.3f} ms/task), over {seconds:.1f} s wall on "
         f"{os.cpu_count()} CPUs"
     )
+    switches = sum(r.switches for r in reports)
+    if switches:
+        print(f"worker threads' context switches: {switches / tasks:.1f} per task")
 
 
 def _print_task_times(dsn: str) -> None:
