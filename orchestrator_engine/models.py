@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -218,6 +219,24 @@ def instance_from_row(row: dict[str, Any]) -> WorkflowInstance:
     )
 
 
+_TASK_STATES = {s.value: s for s in TaskState}
+_TASK_KINDS = {k.value: k for k in TaskKind}
+_EXECUTION_FIELDS = tuple(f.name for f in fields(TaskExecution))
+
+
+def executions_from_values(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[TaskExecution]:
+    """Build TaskExecutions from rows given as value tuples under column ``names`` (extra columns ignored)."""
+    at = [names.index(f) for f in _EXECUTION_FIELDS]
+    state, kind = _EXECUTION_FIELDS.index("state"), _EXECUTION_FIELDS.index("kind")
+    built = []
+    for row in rows:
+        values = [row[i] for i in at]
+        values[state] = _TASK_STATES[values[state]]
+        values[kind] = _TASK_KINDS[values[kind]]
+        built.append(TaskExecution(*values))
+    return built
+
+
 def execution_from_row(row: dict[str, Any]) -> TaskExecution:
     """Build a TaskExecution from a ``task_executions`` row."""
     return TaskExecution(
@@ -226,7 +245,7 @@ def execution_from_row(row: dict[str, Any]) -> TaskExecution:
         task_id=row["task_id"],
         task_type=row["task_type"],
         attempt_number=row["attempt_number"],
-        state=TaskState(row["state"]),
+        state=_TASK_STATES[row["state"]],
         input=row["input"],
         output=row["output"],
         error=row["error"],
@@ -234,7 +253,7 @@ def execution_from_row(row: dict[str, Any]) -> TaskExecution:
         lease_expires_at=row["lease_expires_at"],
         fence_token=row["fence_token"],
         idempotency_key=row["idempotency_key"],
-        kind=TaskKind(row["kind"]),
+        kind=_TASK_KINDS[row["kind"]],
         namespace=row["namespace"],
         ready_at=row["ready_at"],
         started_at=row["started_at"],

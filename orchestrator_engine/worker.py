@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -187,7 +187,7 @@ class Worker:
         """Work until ``stop()`` or SIGTERM/SIGINT, then drain running handlers for up to the timeout."""
         self._shutdown_timeout = shutdown_timeout
         restore = self._install_signal_handlers()
-        executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="orchestrator-handler")
+        handlers = _HandlerThreads(self._execute)
         helpers = [
             threading.Thread(target=self._heartbeat_loop, name="orchestrator-heartbeat", daemon=True),
         ]
@@ -207,11 +207,11 @@ class Worker:
             self.concurrency,
         )
         try:
-            self._poll_loop(executor)
+            self._poll_loop(handlers)
         finally:
             self._stopping.set()
             self._drain(self._shutdown_timeout)
-            executor.shutdown(wait=False, cancel_futures=True)
+            handlers.close()
             self._completer.close()
             completer.join(timeout=5)
             self._done.set()  # releases the heartbeat thread at once
@@ -300,7 +300,7 @@ class Worker:
 
     # -- polling ---------------------------------------------------------------------------------
 
-    def _poll_loop(self, executor: ThreadPoolExecutor) -> None:
+    def _poll_loop(self, handlers: _HandlerThreads) -> None:
         backoff = 0.05
         last_work = float("-inf")
         types = [as_name(t, "task_type") for t in sorted(self.handlers)]
@@ -334,6 +334,7 @@ class Worker:
                 with self._inflight_lock:
                     self._inflight[execution.execution_id] = ctx
                     self._busy += 1
+                    busy = self._busy
                 self.stats.started += 1
                 telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
                 if execution.ready_at is not None and execution.started_at is not None:
@@ -342,7 +343,7 @@ class Worker:
                     telemetry.record_seconds(
                         "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
                     )
-                executor.submit(self._execute, ctx)
+                handlers.submit(ctx, busy)
             try:
                 self.tasks._reclaim_if_due()  # after the hand-off: never between ready and handler start
             except (psycopg.Error, OrchestratorError) as exc:
@@ -507,6 +508,48 @@ class Worker:
                 )
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+class _HandlerThreads:
+    """The threads that run handlers, fed by one queue; a thread starts when every one is busy.
+
+    Lighter than a ThreadPoolExecutor, which makes a Future (and its Condition) per task and checks
+    for an idle thread on every submit: the worker reports each outcome itself and knows how many
+    handlers it has handed out. The worker never hands out more than ``concurrency`` at once, so no
+    more threads than that ever start.
+    """
+
+    def __init__(self, run: Callable[[TaskContext], None]) -> None:
+        self._run = run
+        self._queue: queue.SimpleQueue[TaskContext | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, ctx: TaskContext, busy: int) -> None:
+        """Queue ``ctx``; ``busy`` counts the handlers handed out, this one included."""
+        self._queue.put(ctx)
+        if busy > len(self._threads):
+            thread = threading.Thread(
+                target=self._loop, name=f"orchestrator-handler_{len(self._threads)}", daemon=False
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def close(self) -> None:
+        """Drop what no thread has started (those leases lapse) and let each thread end when free."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _loop(self) -> None:
+        while (ctx := self._queue.get()) is not None:
+            try:
+                self._run(ctx)
+            except BaseException:  # a handler thread outlives whatever one task raised
+                log.exception("handler thread failed on execution %s", ctx.execution.execution_id)
 
 
 class _GroupCompleter:

@@ -659,6 +659,30 @@ def test_handler_returning_a_non_json_value_fails_the_attempt_with_a_payload_err
     assert (worker.stats.failed, worker.stats.completed, worker.stats.dropped) == (1, 1, 0)
 
 
+def test_a_handler_raising_system_exit_leaves_its_thread_running_the_next_attempt(
+    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator
+) -> None:
+    """A BaseException from a handler reports nothing (the lease lapses), and with one slot the one
+    handler thread must survive it: nothing else would run the task again."""
+    workflows.register_workflow(_single("exits", "exits", NO_DELAY))
+    (instance,) = _start(workflows, "exits", 1)
+    threads: list[threading.Thread] = []
+
+    def exits(ctx: TaskContext) -> dict[str, int]:
+        threads.append(threading.current_thread())
+        if len(threads) == 1:
+            raise SystemExit("a handler that calls sys.exit()")
+        return {"run": len(threads)}
+
+    config = _tuned(engine_config, lease=1.0, renewal=0.3, poll=0.1)
+    with Worker(pool, {"exits": exits}, config=config, concurrency=1) as worker:
+        assert _wait_until_finished(workflows, instance.instance_id) is WorkflowState.COMPLETED
+    (task,) = workflows.list_tasks(instance.instance_id)
+    assert task.output == {"run": 2}
+    assert len(threads) == 2 and threads[0] is threads[1]
+    assert (worker.stats.completed, worker.stats.failed) == (1, 0)
+
+
 def test_a_handler_slot_frees_while_its_result_waits_for_the_commit(
     pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator, dsn: str
 ) -> None:

@@ -15,7 +15,14 @@ from psycopg_pool import ConnectionPool
 from .. import telemetry
 from ..config import EngineConfig
 from ..errors import FencingError, InvalidStateError, OrchestratorError, PayloadError, TaskNotFoundError
-from ..models import DISPATCHABLE, EventType, TaskExecution, WorkflowState, execution_from_row
+from ..models import (
+    DISPATCHABLE,
+    EventType,
+    TaskExecution,
+    WorkflowState,
+    execution_from_row,
+    executions_from_values,
+)
 from ..repositories.executions import FinishResult
 from ..telemetry import traced
 from ._engine import Engine
@@ -128,7 +135,7 @@ class TaskCoordinator:
     ) -> list[TaskExecution]:
         """Lease up to ``limit`` ready executions in one autocommit statement (arguments checked)."""
         with self._engine.single() as c:
-            rows = self._engine.repos.executions.task_poll_and_lease(
+            names, rows = self._engine.repos.executions.task_poll_and_lease(
                 c,
                 worker_id=wid,
                 namespace=namespace,
@@ -136,11 +143,14 @@ class TaskCoordinator:
                 limit=limit,
                 lease=self._config.lease_duration,
             )
-        if rows and rows[0]["bumped_instances"] != rows[0]["picked_instances"]:
+        if not rows:
+            return []
+        first = dict(zip(names, rows[0], strict=True))
+        if first["bumped_instances"] != first["picked_instances"]:
             raise AssertionError("poll lost an instance sequence update")  # pragma: no cover - invariant
-        if rows and rows[0]["leases_written"] != len(rows):
+        if first["leases_written"] != len(rows):
             raise AssertionError("poll lost a lease row")  # pragma: no cover - invariant
-        return [execution_from_row(r) for r in rows]
+        return executions_from_values(names, rows)
 
     def _reclaim_if_due(self) -> None:
         """Reclaim a few lapsed leases (SKIP LOCKED) if ``reclaim_interval`` has passed since the last look.

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
-from psycopg.rows import dict_row
+from psycopg.rows import RowFactory, dict_row, tuple_row
 
 from .._errors_map import translate
 from ..errors import PayloadError
 from ..sql import native_queries
 
 Row = dict[str, Any]
+R = TypeVar("R")
 TUPLES_OK = pq.ExecStatus.TUPLES_OK
 
 
@@ -23,13 +24,28 @@ class Repository:
         self._q = native_queries(schema)
 
     def _all(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[Row]:
+        return self._fetch(conn, name, params, dict_row)[1]
+
+    def _table(
+        self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Like ``_all``, as the column names and a tuple of values per row: no dict is built per row,
+        for hot statements whose rows become objects at once."""
+        return self._fetch(conn, name, params, tuple_row)
+
+    def _fetch(
+        self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any], rows: RowFactory[R]
+    ) -> tuple[list[str], list[R]]:
         values = [params[n] for n in self._q[name].names]
         try:
-            with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
+            with psycopg.RawCursor(conn, row_factory=rows) as cur:
                 cur.execute(self._q[name].text, values)
-                # the result's status, not cur.description: that builds a Column object per column
+                # the result's status and names, not cur.description: that builds a Column per column
                 result = cur.pgresult
-                return cur.fetchall() if result is not None and result.status == TUPLES_OK else []
+                if result is None or result.status != TUPLES_OK:
+                    return [], []
+                names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
+                return names, cur.fetchall()
         except psycopg.Error as exc:
             raise translate(exc) from exc
         except UnicodeEncodeError as exc:

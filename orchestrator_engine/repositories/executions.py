@@ -47,8 +47,11 @@ class ExecutionRepository(Repository):
         params = {"execution_id": execution_id, "worker_id": worker_id, "lease": lease}
         return self._one(conn, "task_lease_if_acquirable", params)
 
-    def task_poll_and_lease(self, conn: psycopg.Connection[Any], **params: Any) -> list[Row]:
-        return self._all(conn, "task_poll_and_lease", params)
+    def task_poll_and_lease(
+        self, conn: psycopg.Connection[Any], **params: Any
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Lease ready executions; their rows as column names and value tuples (see ``_table``)."""
+        return self._table(conn, "task_poll_and_lease", params)
 
     def task_select_lapsed(self, conn: psycopg.Connection[Any], limit: int) -> list[Row]:
         return self._all(conn, "task_select_lapsed", {"limit": limit})
