@@ -399,13 +399,23 @@ class Worker:
                 self._busy -= 1
                 if not queued:
                     self._inflight.pop(execution.execution_id, None)
-            self._wake.set()
+            self._nudge()
 
     def _finished(self, ctx: TaskContext) -> None:
         """Forget an execution whose outcome is recorded (or dropped); its slot in the pipeline frees."""
         with self._inflight_lock:
             self._inflight.pop(ctx.execution.execution_id, None)
-        self._wake.set()
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the poll loop after freeing a slot, unless a wake-up is already pending.
+
+        The slot was freed before the flag is read, and the loop clears the flag before counting free
+        slots, so a skipped set never hides a slot; it spares the Event's lock and notify_all, twice
+        per task, while the loop is busy polling.
+        """
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _report_failure(self, ctx: TaskContext, error: Any) -> None:
         """Record a failed attempt under the fence, resending after connection trouble."""
