@@ -308,12 +308,12 @@ class Worker:
             as_name(self.namespace, "namespace")
         interval = self.config.poll_interval.total_seconds()
         while not self._stopping.is_set():
+            # cleared before the slots are counted: a slot freed from here on sets it again (_nudge)
+            self._wake.clear()
             free = self._free_slots()
             if free <= 0:
                 self._wake.wait(interval)
-                self._wake.clear()
                 continue
-            self._wake.clear()
             try:
                 leased = self.tasks._lease_ready(self.worker_id, self.namespace, types, min(free, 1000))
                 backoff = 0.05
@@ -360,46 +360,49 @@ class Worker:
     # -- running one task ------------------------------------------------------------------------
 
     def _execute(self, ctx: TaskContext) -> None:
-        execution = ctx.execution
-        with telemetry.span(
-            "orchestrator.task",
-            execution_id=execution.execution_id,
-            instance_id=execution.workflow_instance_id,
-            task_id=execution.task_id,
-            task_type=execution.task_type,
-            attempt=execution.attempt_number,
-            kind=execution.kind.value,
-        ):
-            self._execute_in_span(ctx)
-
-    def _execute_in_span(self, ctx: TaskContext) -> None:
+        """Run one handler; its slot frees once everything here is done, the span included."""
         execution = ctx.execution
         queued = False
         try:
-            handler = self.handlers[execution.task_type]
-            try:
-                result = handler(ctx)
-            except LeaseLostError:
-                self._drop(ctx, "the fence was stale when completing in the handler's transaction")
-                return
-            except Exception as exc:
-                self._report_failure(ctx, _error_of(exc))
-                return
-            if ctx._completed_in_transaction:
-                self.stats.completed += 1
-                return
-            if ctx._lost():
-                self._drop(ctx, "its lease was lost while the handler ran")
-                return
-            # the slot frees now; the completer thread records the result with others in one commit
-            self._completer.submit(ctx, result)
-            queued = True
+            with telemetry.span(
+                "orchestrator.task",
+                execution_id=execution.execution_id,
+                instance_id=execution.workflow_instance_id,
+                task_id=execution.task_id,
+                task_type=execution.task_type,
+                attempt=execution.attempt_number,
+                kind=execution.kind.value,
+            ):
+                queued = self._execute_in_span(ctx)
         finally:
+            # only now is this thread free for the next handler (_HandlerThreads counts on it)
             with self._inflight_lock:
                 self._busy -= 1
                 if not queued:
                     self._inflight.pop(execution.execution_id, None)
             self._nudge()
+
+    def _execute_in_span(self, ctx: TaskContext) -> bool:
+        """Run the handler and dispose of its outcome; True when the result went to the completer."""
+        execution = ctx.execution
+        handler = self.handlers[execution.task_type]
+        try:
+            result = handler(ctx)
+        except LeaseLostError:
+            self._drop(ctx, "the fence was stale when completing in the handler's transaction")
+            return False
+        except Exception as exc:
+            self._report_failure(ctx, _error_of(exc))
+            return False
+        if ctx._completed_in_transaction:
+            self.stats.completed += 1
+            return False
+        if ctx._lost():
+            self._drop(ctx, "its lease was lost while the handler ran")
+            return False
+        # the completer thread records the result with others in one commit; the slot frees before
+        self._completer.submit(ctx, result)
+        return True
 
     def _finished(self, ctx: TaskContext) -> None:
         """Forget an execution whose outcome is recorded (or dropped); its slot in the pipeline frees."""
@@ -525,8 +528,9 @@ class _HandlerThreads:
 
     Lighter than a ThreadPoolExecutor, which makes a Future (and its Condition) per task and checks
     for an idle thread on every submit: the worker reports each outcome itself and knows how many
-    handlers it has handed out. The worker never hands out more than ``concurrency`` at once, so no
-    more threads than that ever start.
+    handlers it has handed out (a handler counts as busy until ``run`` returns, so a thread is free
+    when the count says so). The worker never hands out more than ``concurrency`` at once, so no more
+    threads than that ever start.
     """
 
     def __init__(self, run: Callable[[TaskContext], None]) -> None:
@@ -538,11 +542,14 @@ class _HandlerThreads:
         """Queue ``ctx``; ``busy`` counts the handlers handed out, this one included."""
         self._queue.put(ctx)
         if busy > len(self._threads):
+            # daemon threads, like the worker's own: a process whose worker was never stopped still
+            # exits, and a handler still running when the shutdown timeout ends does not hold it
+            # open (its lease lapses and the task runs again)
             thread = threading.Thread(
-                target=self._loop, name=f"orchestrator-handler_{len(self._threads)}", daemon=False
+                target=self._loop, name=f"orchestrator-handler_{len(self._threads)}", daemon=True
             )
-            self._threads.append(thread)
             thread.start()
+            self._threads.append(thread)
 
     def close(self) -> None:
         """Drop what no thread has started (those leases lapse) and let each thread end when free."""

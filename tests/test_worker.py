@@ -44,6 +44,7 @@ from orchestrator_engine import (
     WorkflowInstance,
     WorkflowState,
     create_pool,
+    telemetry,
 )
 from orchestrator_engine.check import check_invariants
 from orchestrator_engine.errors import LeaseLostError
@@ -679,8 +680,66 @@ def test_a_handler_raising_system_exit_leaves_its_thread_running_the_next_attemp
         assert _wait_until_finished(workflows, instance.instance_id) is WorkflowState.COMPLETED
     (task,) = workflows.list_tasks(instance.instance_id)
     assert task.output == {"run": 2}
-    assert len(threads) == 2 and threads[0] is threads[1]
+    assert len(threads) == 2
+    assert threads[0] is threads[1]
     assert (worker.stats.completed, worker.stats.failed) == (1, 0)
+
+
+def test_a_thread_still_closing_its_task_span_is_not_counted_free(
+    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread is free for the next handler only once the whole task is done, its span included (an
+    exporter can be slow to close one): until then, a second handler gets a thread of its own."""
+    workflows.register_workflow(_single("spans", "spans"))
+    closing = threading.Event()
+    release = threading.Event()
+    second_ran = threading.Event()
+
+    @contextmanager
+    def slow_span(name: str, **attributes: Any) -> Iterator[None]:
+        yield None
+        if name == "orchestrator.task" and not closing.is_set():
+            closing.set()
+            release.wait(3 * SETTLE)  # the first task's span closes only when the test says so
+
+    monkeypatch.setattr(telemetry, "span", slow_span)
+
+    def handler(ctx: TaskContext) -> None:
+        if ctx.input["workflow"]["i"] == 1:
+            second_ran.set()
+
+    with Worker(pool, {"spans": handler}, config=engine_config, concurrency=2):
+        workflows.start_workflow(StartWorkflowRequest(NAMESPACE, "spans", "spans-0", {"i": 0}))
+        assert closing.wait(SETTLE), "the first task never finished its handler"
+        workflows.start_workflow(StartWorkflowRequest(NAMESPACE, "spans", "spans-1", {"i": 1}))
+        try:
+            assert second_ran.wait(SETTLE), "the second task waited for a thread still closing a span"
+        finally:
+            release.set()
+
+
+def test_a_process_whose_started_worker_was_never_stopped_still_exits(engine_config: EngineConfig) -> None:
+    """Worker.start() runs on a daemon thread so the host can exit; the handler threads must not hold
+    the process open either, idle or not."""
+    script = f"""
+import sys, threading, time
+from orchestrator_engine import EngineConfig, StartWorkflowRequest, TaskDefinition, WorkflowCoordinator
+from orchestrator_engine import WorkflowDefinition, create_pool
+from orchestrator_engine.worker import Worker
+config = EngineConfig(dsn={engine_config.dsn!r}, schema={engine_config.schema!r})
+pool = create_pool(config, min_size=1, max_size=4)
+workflows = WorkflowCoordinator(pool, config)
+workflows.register_workflow(
+    WorkflowDefinition({NAMESPACE!r}, "leftover", (TaskDefinition("only", task_type="leftover"),)))
+done = threading.Event()
+Worker(pool, {{"leftover": lambda ctx: done.set()}}, config=config, concurrency=4).start()
+workflows.start_workflow(StartWorkflowRequest({NAMESPACE!r}, "leftover", "leftover-0", {{}}))
+sys.exit(0 if done.wait(30) else 3)  # the main thread ends with the worker and its threads running
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_handler_slot_frees_while_its_result_waits_for_the_commit(

@@ -24,18 +24,25 @@ class Repository:
         self._q = native_queries(schema)
 
     def _all(self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[Row]:
-        return self._fetch(conn, name, params, dict_row)[1]
+        return self._fetch(conn, name, params, dict_row, names=False)[1]
 
     def _table(
         self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Like ``_all``, as the column names and a tuple of values per row: no dict is built per row,
         for hot statements whose rows become objects at once."""
-        return self._fetch(conn, name, params, tuple_row)
+        return self._fetch(conn, name, params, tuple_row, names=True)
 
     def _fetch(
-        self, conn: psycopg.Connection[Any], name: str, params: dict[str, Any], rows: RowFactory[R]
+        self,
+        conn: psycopg.Connection[Any],
+        name: str,
+        params: dict[str, Any],
+        rows: RowFactory[R],
+        *,
+        names: bool,
     ) -> tuple[list[str], list[R]]:
+        """Run ``name`` and return its rows, made by ``rows``, and (if ``names``) its column names."""
         values = [params[n] for n in self._q[name].names]
         try:
             with psycopg.RawCursor(conn, row_factory=rows) as cur:
@@ -44,8 +51,8 @@ class Repository:
                 result = cur.pgresult
                 if result is None or result.status != TUPLES_OK:
                     return [], []
-                names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
-                return names, cur.fetchall()
+                columns = [(result.fname(i) or b"").decode() for i in range(result.nfields)] if names else []
+                return columns, cur.fetchall()
         except psycopg.Error as exc:
             raise translate(exc) from exc
         except UnicodeEncodeError as exc:
