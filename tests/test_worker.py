@@ -348,6 +348,45 @@ def test_sigterm_lets_running_handlers_finish_and_report_before_the_process_exit
     tables.check_invariants_of_finished_run()
 
 
+def test_a_handler_past_the_shutdown_timeout_is_abandoned_and_its_task_runs_again_elsewhere(
+    dsn: str,
+    pool: Pool,
+    engine_config: EngineConfig,
+    workflows: WorkflowCoordinator,
+    tables: Tables,
+    run_log: RunLog,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM waits for running handlers only up to the shutdown timeout: a handler still running then
+    does not hold the process open, its lease lapses, and another worker runs the task under a higher
+    fence. Only that second result is accepted."""
+    workflows.register_workflow(_single("stuck", "stuck"))
+    (instance,) = _start(workflows, "stuck", 1)
+    options = ["--task-type", "stuck", "--sleep", "120", "--lease", "2", "--renewal", "0.5", "--poll", "0.2"]
+    with _worker_process(dsn, tmp_path, *options, "--shutdown-timeout", "1") as worker:
+        _wait_for("the worker process to start the handler", lambda: run_log.count(worker.pid) >= 1)
+        first_token = tables.executions()[0]["fence_token"]
+        worker.proc.send_signal(signal.SIGTERM)
+        # far less than the handler's 120 s: the process must not wait for it
+        returncode = worker.proc.wait(timeout=SETTLE)
+        assert returncode == 0, worker.output()
+
+    def finish(ctx: TaskContext) -> str:
+        run_log.record(ctx)
+        return "finished after the first holder was abandoned"
+
+    with Worker(pool, {"stuck": finish}, config=_tuned(engine_config, lease=2.0, renewal=0.5, poll=0.2)):
+        assert _wait_until_finished(workflows, instance.instance_id) is WorkflowState.COMPLETED
+    (row,) = tables.executions()
+    assert row["output"] == "finished after the first holder was abandoned"
+    assert row["fence_token"] > first_token
+    assert row["lapse_count"] == 1
+    (pids,) = run_log.pids_by_execution().values()
+    assert len(pids) == 2
+    assert worker.pid in pids
+    tables.check_invariants_of_finished_run()
+
+
 def test_sigkill_mid_run_loses_no_task_and_reruns_only_the_tasks_the_dead_worker_held(
     dsn: str,
     pool: Pool,
