@@ -221,45 +221,28 @@ def instance_from_row(row: dict[str, Any]) -> WorkflowInstance:
 
 _TASK_STATES = {s.value: s for s in TaskState}
 _TASK_KINDS = {k.value: k for k in TaskKind}
+#: TaskExecution's fields in order; a row's values taken in this order build one positionally
 _EXECUTION_FIELDS = tuple(f.name for f in fields(TaskExecution))
+_STATE_AT = _EXECUTION_FIELDS.index("state")
+_KIND_AT = _EXECUTION_FIELDS.index("kind")
+
+
+def _execution(values: list[Any]) -> TaskExecution:
+    """Build a TaskExecution from its values in ``_EXECUTION_FIELDS`` order, state and kind as stored."""
+    values[_STATE_AT] = _TASK_STATES[values[_STATE_AT]]
+    values[_KIND_AT] = _TASK_KINDS[values[_KIND_AT]]
+    return TaskExecution(*values)
 
 
 def executions_from_values(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[TaskExecution]:
     """Build TaskExecutions from rows given as value tuples under column ``names`` (extra columns ignored)."""
     at = [names.index(f) for f in _EXECUTION_FIELDS]
-    state, kind = _EXECUTION_FIELDS.index("state"), _EXECUTION_FIELDS.index("kind")
-    built = []
-    for row in rows:
-        values = [row[i] for i in at]
-        values[state] = _TASK_STATES[values[state]]
-        values[kind] = _TASK_KINDS[values[kind]]
-        built.append(TaskExecution(*values))
-    return built
+    return [_execution([row[i] for i in at]) for row in rows]
 
 
 def execution_from_row(row: dict[str, Any]) -> TaskExecution:
     """Build a TaskExecution from a ``task_executions`` row."""
-    return TaskExecution(
-        execution_id=row["execution_id"],
-        workflow_instance_id=row["workflow_instance_id"],
-        task_id=row["task_id"],
-        task_type=row["task_type"],
-        attempt_number=row["attempt_number"],
-        state=_TASK_STATES[row["state"]],
-        input=row["input"],
-        output=row["output"],
-        error=row["error"],
-        lease_holder=row["lease_holder"],
-        lease_expires_at=row["lease_expires_at"],
-        fence_token=row["fence_token"],
-        idempotency_key=row["idempotency_key"],
-        kind=_TASK_KINDS[row["kind"]],
-        namespace=row["namespace"],
-        ready_at=row["ready_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        created_at=row["created_at"],
-    )
+    return _execution([row[f] for f in _EXECUTION_FIELDS])
 
 
 def event_from_row(row: dict[str, Any]) -> WorkflowEvent:
