@@ -76,6 +76,18 @@ def check_invariants(
             r["workflow_instance_id"],
             f"execution {r['execution_id']} accepted {r['accepted']}x",
         )
+    for r in rows("check_duplicate_event_keys"):
+        flag(
+            "event-keys-unique",
+            r["workflow_instance_id"],
+            f"{r['events']} events with idempotency key {r['idempotency_key']}",
+        )
+    for r in rows("check_execution_keys"):
+        flag(
+            "execution-key-matches",
+            r["workflow_instance_id"],
+            f"execution {r['execution_id']} has idempotency key {r['idempotency_key']}",
+        )
     for r in rows("check_duplicate_completed_tasks"):
         flag(
             "one-completed-execution",

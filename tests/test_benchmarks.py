@@ -162,7 +162,7 @@ def test_released_dependents_are_found_through_the_instance_index(
 ) -> None:
     nodes = explained["task_release_dependents"]
     assert "task_executions" not in _seq_scanned(nodes)
-    assert "ix_task_executions_instance" in _index_names(nodes)
+    assert "uk_task_executions_attempt" in _index_names(nodes)
 
 
 @pytest.mark.slow

@@ -176,6 +176,32 @@ def test_doctor_reports_rows_left_by_an_instance_deleted_around_the_engine(
     }
 
 
+def test_doctor_reports_a_repeated_event_key_and_an_execution_key_that_does_not_match(
+    capsys: pytest.CaptureFixture[str], dsn: str, started: Any
+) -> None:
+    # no index holds either since 0006: the engine makes them so, and doctor checks they are
+    _, _, instance_id = started
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE orchestrator.events SET idempotency_key = %s"
+            " WHERE workflow_instance_id = %s AND sequence_number IN (1, 2)",
+            (f"{instance_id}:started", instance_id),
+        )
+        (charge,) = conn.execute(
+            "UPDATE orchestrator.task_executions SET idempotency_key = idempotency_key || 'x'"
+            " WHERE workflow_instance_id = %s AND task_id = 'charge' RETURNING execution_id",
+            (instance_id,),
+        ).fetchone()  # type: ignore[misc]
+    code, text = run(capsys, "doctor", "--dsn", dsn)
+    assert code == EXIT_VIOLATIONS
+    found = {line.strip() for line in text.splitlines() if line.strip().startswith("VIOLATION")}
+    assert found == {
+        f"VIOLATION event-keys-unique in {instance_id}: 2 events with idempotency key {instance_id}:started",
+        f"VIOLATION execution-key-matches in {instance_id}: execution {charge}"
+        f" has idempotency key {instance_id}:charge:1x",
+    }
+
+
 def test_purge_deletes_only_old_finished_workflows(
     capsys: pytest.CaptureFixture[str], dsn: str, started: Any
 ) -> None:

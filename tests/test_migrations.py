@@ -357,6 +357,31 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
     assert all(cancelled not in (ids or []) for ids in owners.values()), owners
     assert sorted(owners["workflow_instances"]) == sorted([waiting, requeued])
     assert sorted(owners["events"]) == sorted([waiting, requeued])
+    # 0006: one unique index per execution (its attempt) and per event (its sequence number), built
+    # over the rows the older engine wrote; a second row for an attempt is refused
+    with psycopg.connect(empty_dsn) as conn:
+        indexes: dict[str, str] = dict(
+            conn.execute(
+                "SELECT indexname, tablename FROM pg_indexes"
+                " WHERE schemaname = 'upgraded' AND tablename IN ('task_executions', 'events')"
+            ).fetchall()
+        )
+        assert indexes == {
+            "pk_task_executions": "task_executions",
+            "uk_task_executions_attempt": "task_executions",
+            "ix_task_executions_ready": "task_executions",
+            "uk_events_sequence": "events",
+        }
+        with pytest.raises(psycopg.errors.UniqueViolation, match="uk_task_executions_attempt"):
+            conn.execute(
+                "INSERT INTO upgraded.task_executions"
+                " (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,"
+                "  attempt_number, max_attempts, state, depends_on, deps_remaining)"
+                " SELECT gen_random_uuid(), workflow_instance_id, namespace, task_id, task_type, kind,"
+                "  idempotency_key || ':again', attempt_number, max_attempts, 'PENDING', depends_on, 0"
+                " FROM upgraded.task_executions WHERE workflow_instance_id = %s",
+                (waiting,),
+            )
 
 
 def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:

@@ -16,6 +16,21 @@ WHERE event_type IN ('TASK_COMPLETED', 'COMPENSATION_TASK_COMPLETED')
 GROUP BY workflow_instance_id, payload ->> 'execution_id'
 HAVING count(*) > 1
 
+-- name: check_duplicate_event_keys
+-- No index enforces it since migration 0006: each key names what makes its event happen once.
+SELECT workflow_instance_id, idempotency_key, count(*) AS events
+FROM {schema}.events
+GROUP BY workflow_instance_id, idempotency_key
+HAVING count(*) > 1
+
+-- name: check_execution_keys
+-- An execution's idempotency key is made of the values uk_task_executions_attempt keeps unique.
+SELECT workflow_instance_id, execution_id, idempotency_key
+FROM {schema}.task_executions
+WHERE idempotency_key IS DISTINCT FROM
+      workflow_instance_id || ':' || CASE WHEN kind = 'COMPENSATION' THEN 'compensate:' ELSE '' END
+      || task_id || ':' || attempt_number
+
 -- name: check_duplicate_completed_tasks
 SELECT workflow_instance_id, kind, task_id, count(*) AS completed
 FROM {schema}.task_executions
