@@ -271,6 +271,13 @@ def _reach(start: str, step: Any) -> set[str]:
     return seen
 
 
+_COMPENSATE_PREFIX = "compensate:"
+
+
+def _by_id(tasks: tuple[TaskDefinition, ...], task_id: str) -> TaskDefinition:
+    return next(t for t in tasks if t.task_id == task_id)
+
+
 def _validate_dag(name: str, tasks: tuple[TaskDefinition, ...]) -> None:
     if not tasks:
         raise InvalidDefinitionError(f"workflow {name!r} has no tasks")
@@ -285,6 +292,14 @@ def _validate_dag(name: str, tasks: tuple[TaskDefinition, ...]) -> None:
         if t.task_id in ids:
             raise InvalidDefinitionError(f"duplicate task id {t.task_id!r} in workflow {name!r}")
         ids.add(t.task_id)
+    for t in tasks:
+        # the idempotency key of an attempt of task "compensate:x" would be that of x's compensation
+        undone = t.task_id.removeprefix(_COMPENSATE_PREFIX)
+        if undone != t.task_id and undone in ids and _by_id(tasks, undone).compensation is not None:
+            raise InvalidDefinitionError(
+                f"task id {t.task_id!r} in workflow {name!r} names the compensation of task {undone!r}: "
+                f"its attempts' idempotency keys would be the compensation's; rename it"
+            )
     for t in tasks:
         if len(set(t.depends_on)) != len(t.depends_on):
             raise InvalidDefinitionError(f"task {t.task_id!r} lists a dependency twice")

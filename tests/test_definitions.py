@@ -41,6 +41,17 @@ def test_duplicate_task_ids_are_invalid() -> None:
         workflow(TaskDefinition("charge"), TaskDefinition("ship"), TaskDefinition("charge"))
 
 
+def test_a_task_id_that_names_another_tasks_compensation_is_invalid() -> None:
+    # "compensate:x" attempt 1 and x's compensation attempt 1 would hand handlers one idempotency key
+    with pytest.raises(InvalidDefinitionError, match="names the compensation of task 'x'"):
+        WorkflowDefinition(
+            "ns", "wf", [TaskDefinition("x", compensation="undo"), TaskDefinition("compensate:x")]
+        )
+    # without a compensation of x, or with another suffix, the keys cannot meet
+    workflow(TaskDefinition("x"), TaskDefinition("compensate:x"))
+    workflow(TaskDefinition("x", compensation="undo"), TaskDefinition("compensate:y"))
+
+
 def test_dependency_on_an_unknown_task_is_invalid() -> None:
     with pytest.raises(InvalidDefinitionError, match="'ship' depends on unknown task 'pack'"):
         workflow(TaskDefinition("charge"), TaskDefinition("ship", depends_on=["pack"]))
