@@ -42,6 +42,9 @@ class HandlerStart:
     wall: float
     ready_at: float
     started_at: float
+    #: when the worker sent the poll that leased it, and when that poll returned (epoch seconds)
+    poll_sent: float
+    poll_returned: float
 
 
 @dataclass
@@ -122,6 +125,8 @@ def _worker_main(
         poll_interval=timedelta(seconds=spec.poll_interval_s),
     )
     starts: list[HandlerStart] = []
+    #: execution id -> (poll sent, poll returned), filled before the poll hands the tasks out
+    polls: dict[Any, tuple[float, float]] = {}
 
     def record(ctx: TaskContext) -> None:
         wall = time.time()
@@ -129,7 +134,25 @@ def _worker_main(
         assert e.ready_at is not None
         assert e.started_at is not None
         index = ctx.input["workflow"]["i"]
-        starts.append(HandlerStart(index, wall, e.ready_at.timestamp(), e.started_at.timestamp()))
+        sent, returned = polls[e.execution_id]
+        starts.append(
+            HandlerStart(index, wall, e.ready_at.timestamp(), e.started_at.timestamp(), sent, returned)
+        )
+
+    def timed_polls(worker: Worker) -> Worker:
+        """Wrap the worker's poll statement to time it (the latency workload's breakdown)."""
+        lease_ready = worker.tasks._lease_ready
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            sent = time.time()
+            leased = lease_ready(*args, **kwargs)
+            returned = time.time()
+            for e in leased:
+                polls[e.execution_id] = (sent, returned)
+            return leased
+
+        worker.tasks._lease_ready = timed  # type: ignore[method-assign]
+        return worker
 
     handler = record if spec.record else lambda ctx: None
     crashes: list[str] = []
@@ -146,7 +169,8 @@ def _worker_main(
     with create_pool(config, min_size=size, max_size=size) as pool:
 
         def new_worker() -> Worker:
-            return Worker(pool, {TASK_TYPE: handler}, config=config, concurrency=spec.concurrency)
+            worker = Worker(pool, {TASK_TYPE: handler}, config=config, concurrency=spec.concurrency)
+            return timed_polls(worker) if spec.record else worker
 
         workers = [new_worker()]
         barrier.wait(STARTUP_TIMEOUT_S)

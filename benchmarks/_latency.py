@@ -44,11 +44,19 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class Latency:
-    """Three views of one start: ready_at (DB) -> handler, ready_at -> started_at (DB), commit -> handler."""
+    """Three views of one start: ready_at (DB) -> handler, ready_at -> started_at (DB), commit -> handler.
+
+    And the path's steps, each timed on its own: the start_workflow call, start returned -> poll
+    sent (NOTIFY delivery and the worker's wake-up), the poll call, poll returned -> handler start.
+    """
 
     ready_to_handler: Percentiles
     ready_to_lease: Percentiles
     commit_to_handler: Percentiles
+    start_call: Percentiles
+    commit_to_poll: Percentiles
+    poll_call: Percentiles
+    poll_to_handler: Percentiles
     samples: int
 
 
@@ -62,6 +70,7 @@ def measure(config: EngineConfig, count: int, gap_s: float = 0.02) -> Latency:
         poll_interval_s=config.poll_interval.total_seconds(),
         record=True,
     )
+    called: dict[int, float] = {}
     committed: dict[int, float] = {}
     rng = random.Random(8)
 
@@ -72,6 +81,7 @@ def measure(config: EngineConfig, count: int, gap_s: float = 0.02) -> Latency:
             todo = requests(single(), WARMUP + count)
             time.sleep(0.5)  # let the worker's listener connect: the first NOTIFY must find it
             for i, request in enumerate(todo):
+                called[i] = time.time()
                 workflows.start_workflow(request)
                 committed[i] = time.time()
                 time.sleep(gap_s * rng.uniform(0.5, 1.5))
@@ -79,14 +89,18 @@ def measure(config: EngineConfig, count: int, gap_s: float = 0.02) -> Latency:
 
     reports = run_workers(spec, 1, drive)
     starts = [s for r in reports for s in r.handler_starts if s.index >= WARMUP]
-    return summarise(starts, committed)
+    return summarise(starts, called, committed)
 
 
-def summarise(starts: list[HandlerStart], committed: dict[int, float]) -> Latency:
+def summarise(starts: list[HandlerStart], called: dict[int, float], committed: dict[int, float]) -> Latency:
     return Latency(
         ready_to_handler=Percentiles.of([s.wall - s.ready_at for s in starts]),
         ready_to_lease=Percentiles.of([s.started_at - s.ready_at for s in starts]),
         commit_to_handler=Percentiles.of([s.wall - committed[s.index] for s in starts]),
+        start_call=Percentiles.of([committed[s.index] - called[s.index] for s in starts]),
+        commit_to_poll=Percentiles.of([s.poll_sent - committed[s.index] for s in starts]),
+        poll_call=Percentiles.of([s.poll_returned - s.poll_sent for s in starts]),
+        poll_to_handler=Percentiles.of([s.wall - s.poll_returned for s in starts]),
         samples=len(starts),
     )
 

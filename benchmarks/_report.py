@@ -45,8 +45,8 @@ def at_most(value: float, target: float) -> tuple[str, str]:
     return f"≤ {target:g}", f"{status} ({value - target:+.2f})"
 
 
-def latency_cells(p: Percentiles) -> str:
-    return f"p50 {p.p50_ms:.1f} / p99 {p.p99_ms:.1f} / max {p.max_ms:.1f} ms"
+def latency_cells(p: Percentiles, digits: int = 1) -> str:
+    return f"p50 {p.p50_ms:.{digits}f} / p99 {p.p99_ms:.{digits}f} / max {p.max_ms:.{digits}f} ms"
 
 
 def latency_target(p: Percentiles, p50_ms: float, p99_ms: float) -> tuple[str, str]:

@@ -425,6 +425,14 @@ def run_latency(run: Run, only: list[str]) -> None:
         if path == "LISTEN/NOTIFY":
             run.rows.append(Row(label, "ready_at → started_at (DB)", latency_cells(result.ready_to_lease)))
             run.rows.append(Row(label, "commit returned → handler", latency_cells(result.commit_to_handler)))
+            steps = (
+                ("step: start_workflow call", result.start_call),
+                ("step: start returned → poll sent", result.commit_to_poll),
+                ("step: poll call", result.poll_call),
+                ("step: poll returned → handler", result.poll_to_handler),
+            )
+            for measure, percentiles in steps:
+                run.rows.append(Row(label, measure, latency_cells(percentiles, digits=2)))
     floor = _latency.commit_floor(run.dsn, "bench_latency_floor", run.size.latency)
     run.rows.append(
         Row(
@@ -442,6 +450,10 @@ def run_latency(run: Run, only: list[str]) -> None:
         "is `now()` of the starting transaction, so ready → handler includes that transaction's own "
         "statements and commit; *commit returned → handler* starts the clock when `start_workflow` "
         "returns. Handler start is `time.time()` inside the handler; server and worker share the clock. "
+        "The *step* rows time the path's parts one by one: the `start_workflow` call (its statement and "
+        "commit), start returned → poll sent (NOTIFY delivery and the worker's wake-up), the poll "
+        "statement (its lease and commit; the benchmark wraps the worker's poll to time it) and poll "
+        "returned → handler start (the hand-off to a handler thread). "
         f"The *floor* row times {run.size.latency} autocommit `UPDATE bench SET n = n + 1 WHERE id = $1 "
         "RETURNING n` on one connection at the same pace: a round trip to a server woken from idle plus "
         "one WAL flush, the cost of each of the two commits (the start's, the poll's) on the way from "

@@ -189,6 +189,9 @@ def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path)
     assert "| workload" in result.stdout
     for workload in ("baseline", "start", "drain", "chain", "fan", "latency", "history"):
         assert f"| {workload}" in result.stdout, workload
+    # the latency path timed step by step: the start, the wake-up, the poll, the hand-off
+    for step in ("start_workflow call", "start returned → poll sent", "poll call", "poll returned → handler"):
+        assert f"step: {step}" in result.stdout, step
     text = out.read_text(encoding="utf-8")
     assert "## Results" in text
     assert "synchronous_commit" in text
