@@ -125,8 +125,9 @@ def _worker_main(
         poll_interval=timedelta(seconds=spec.poll_interval_s),
     )
     starts: list[HandlerStart] = []
-    #: execution id -> (poll sent, poll returned), filled before the poll hands the tasks out
-    polls: dict[Any, tuple[float, float]] = {}
+    #: (execution id, fence token) -> (poll sent, poll returned), filled before the poll hands the
+    #: tasks out; the fence tells a later grant of the same execution (after a lapse) from this one
+    polls: dict[tuple[Any, int], tuple[float, float]] = {}
 
     def record(ctx: TaskContext) -> None:
         wall = time.time()
@@ -134,7 +135,7 @@ def _worker_main(
         assert e.ready_at is not None
         assert e.started_at is not None
         index = ctx.input["workflow"]["i"]
-        sent, returned = polls[e.execution_id]
+        sent, returned = polls[(e.execution_id, e.fence_token)]
         starts.append(
             HandlerStart(index, wall, e.ready_at.timestamp(), e.started_at.timestamp(), sent, returned)
         )
@@ -148,7 +149,7 @@ def _worker_main(
             leased = lease_ready(*args, **kwargs)
             returned = time.time()
             for e in leased:
-                polls[e.execution_id] = (sent, returned)
+                polls[(e.execution_id, e.fence_token)] = (sent, returned)
             return leased
 
         worker.tasks._lease_ready = timed  # type: ignore[method-assign]

@@ -274,8 +274,24 @@ def _reach(start: str, step: Any) -> set[str]:
 _COMPENSATE_PREFIX = "compensate:"
 
 
-def _by_id(tasks: tuple[TaskDefinition, ...], task_id: str) -> TaskDefinition:
-    return next(t for t in tasks if t.task_id == task_id)
+def check_attempt_keys(definition: WorkflowDefinition) -> None:
+    """Refuse a task "compensate:x" beside a task x that has a compensation, at registration.
+
+    An attempt's idempotency key is "{instance}:{task_id}:{attempt}", a compensation's
+    "{instance}:compensate:{task_id}:{attempt}": such a task and x's compensation would hand their
+    handlers one key. Checked when a definition is registered, not when a stored one is read back,
+    so the instances of a definition registered before the check keep running.
+    """
+    for t in definition.tasks:
+        undone = t.task_id.removeprefix(_COMPENSATE_PREFIX)
+        if undone == t.task_id:
+            continue
+        other = definition.by_id.get(undone)
+        if other is not None and other.compensation is not None:
+            raise InvalidDefinitionError(
+                f"task id {t.task_id!r} in workflow {definition.name!r} names the compensation of task "
+                f"{undone!r}: its attempts' idempotency keys would be the compensation's; rename it"
+            )
 
 
 def _validate_dag(name: str, tasks: tuple[TaskDefinition, ...]) -> None:
@@ -292,14 +308,6 @@ def _validate_dag(name: str, tasks: tuple[TaskDefinition, ...]) -> None:
         if t.task_id in ids:
             raise InvalidDefinitionError(f"duplicate task id {t.task_id!r} in workflow {name!r}")
         ids.add(t.task_id)
-    for t in tasks:
-        # the idempotency key of an attempt of task "compensate:x" would be that of x's compensation
-        undone = t.task_id.removeprefix(_COMPENSATE_PREFIX)
-        if undone != t.task_id and undone in ids and _by_id(tasks, undone).compensation is not None:
-            raise InvalidDefinitionError(
-                f"task id {t.task_id!r} in workflow {name!r} names the compensation of task {undone!r}: "
-                f"its attempts' idempotency keys would be the compensation's; rename it"
-            )
     for t in tasks:
         if len(set(t.depends_on)) != len(t.depends_on):
             raise InvalidDefinitionError(f"task {t.task_id!r} lists a dependency twice")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from datetime import timedelta
@@ -39,17 +40,6 @@ def test_workflow_without_tasks_is_invalid() -> None:
 def test_duplicate_task_ids_are_invalid() -> None:
     with pytest.raises(InvalidDefinitionError, match="duplicate task id 'charge'"):
         workflow(TaskDefinition("charge"), TaskDefinition("ship"), TaskDefinition("charge"))
-
-
-def test_a_task_id_that_names_another_tasks_compensation_is_invalid() -> None:
-    # "compensate:x" attempt 1 and x's compensation attempt 1 would hand handlers one idempotency key
-    with pytest.raises(InvalidDefinitionError, match="names the compensation of task 'x'"):
-        WorkflowDefinition(
-            "ns", "wf", [TaskDefinition("x", compensation="undo"), TaskDefinition("compensate:x")]
-        )
-    # without a compensation of x, or with another suffix, the keys cannot meet
-    workflow(TaskDefinition("x"), TaskDefinition("compensate:x"))
-    workflow(TaskDefinition("x", compensation="undo"), TaskDefinition("compensate:y"))
 
 
 def test_dependency_on_an_unknown_task_is_invalid() -> None:
@@ -297,6 +287,32 @@ def test_a_different_body_under_the_same_version_is_a_conflict_and_the_first_bod
     with pytest.raises(DefinitionConflictError, match="new version"):
         register(wc, "orders", chain("reserve", "charge", "ship"))
     assert wc.get_definition(NAMESPACE, "orders", 1) == first
+
+
+def test_a_task_id_that_names_another_tasks_compensation_is_refused_at_registration(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig
+) -> None:
+    # "compensate:x" attempt 1 and x's compensation attempt 1 would hand handlers one idempotency key
+    clash = workflow(TaskDefinition("x", compensation="undo"), TaskDefinition("compensate:x"), name="clash")
+    with pytest.raises(InvalidDefinitionError, match="names the compensation of task 'x'"):
+        wc.register_workflow(clash)
+    assert stored_versions(pool, engine_config, "clash") == []
+    # without a compensation of x, or with another suffix, the keys cannot meet
+    wc.register_workflow(workflow(TaskDefinition("x"), TaskDefinition("compensate:x"), name="plain"))
+    wc.register_workflow(
+        workflow(TaskDefinition("x", compensation="undo"), TaskDefinition("compensate:y"), name="other")
+    )
+    # one stored before the check still reads back, so its running instances keep going
+    query(
+        pool,
+        engine_config,
+        "INSERT INTO {}.workflow_definitions (namespace, name, version, definition, content_hash)"
+        " VALUES (%s, 'clash', 1, %s, %s) RETURNING 1",
+        NAMESPACE,
+        json.dumps(clash.to_json()),
+        clash.content_hash,
+    )
+    assert wc.get_definition(NAMESPACE, "clash") == clash
 
 
 def test_versions_coexist_and_the_latest_is_the_default(wc: WorkflowCoordinator) -> None:

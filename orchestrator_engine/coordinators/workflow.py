@@ -13,7 +13,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..config import EngineConfig
-from ..definitions import WorkflowDefinition
+from ..definitions import WorkflowDefinition, check_attempt_keys
 from ..errors import (
     DefinitionConflictError,
     InvalidStateError,
@@ -74,6 +74,7 @@ class WorkflowCoordinator:
         """Store a validated definition; registering the identical body again is a no-op."""
         if not isinstance(definition, WorkflowDefinition):
             raise TypeError(f"register_workflow takes a WorkflowDefinition, got {type(definition).__name__}")
+        check_attempt_keys(definition)
         repos = self._engine.repos
         with self._engine.transaction(conn) as c:
             repos.definitions.definition_insert_if_absent(
