@@ -42,9 +42,10 @@ class HandlerStart:
     wall: float
     ready_at: float
     started_at: float
-    #: when the worker sent the poll that leased it, and when that poll returned (epoch seconds)
-    poll_sent: float
-    poll_returned: float
+    #: when the worker sent the poll that leased it, and when that poll returned (epoch seconds);
+    #: None for a task its start leased to the worker (direct dispatch)
+    poll_sent: float | None
+    poll_returned: float | None
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _worker_main(
         assert e.ready_at is not None
         assert e.started_at is not None
         index = ctx.input["workflow"]["i"]
-        sent, returned = polls[(e.execution_id, e.fence_token)]
+        sent, returned = polls.get((e.execution_id, e.fence_token), (None, None))
         starts.append(
             HandlerStart(index, wall, e.ready_at.timestamp(), e.started_at.timestamp(), sent, returned)
         )

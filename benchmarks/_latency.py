@@ -46,18 +46,21 @@ def _quantile(ordered: list[float], q: float) -> float:
 class Latency:
     """Three views of one start: ready_at (DB) -> handler, ready_at -> started_at (DB), commit -> handler.
 
-    And the path's steps, each timed on its own: the start_workflow call, start returned -> poll
-    sent (NOTIFY delivery and the worker's wake-up), the poll call, poll returned -> handler start.
+    And the path's steps, each timed on its own: the start_workflow call, then for the tasks a poll
+    leased, start returned -> poll sent (NOTIFY delivery and the worker's wake-up), the poll call, poll
+    returned -> handler start (None when the start leased every task to the worker: ``direct``).
     """
 
     ready_to_handler: Percentiles
     ready_to_lease: Percentiles
     commit_to_handler: Percentiles
     start_call: Percentiles
-    commit_to_poll: Percentiles
-    poll_call: Percentiles
-    poll_to_handler: Percentiles
+    commit_to_poll: Percentiles | None
+    poll_call: Percentiles | None
+    poll_to_handler: Percentiles | None
     samples: int
+    #: how many of the samples their start leased to the idle worker (direct dispatch, no poll)
+    direct: int
 
 
 def measure(config: EngineConfig, count: int, gap_s: float = 0.02) -> Latency:
@@ -93,15 +96,21 @@ def measure(config: EngineConfig, count: int, gap_s: float = 0.02) -> Latency:
 
 
 def summarise(starts: list[HandlerStart], called: dict[int, float], committed: dict[int, float]) -> Latency:
+    polled = [(s, s.poll_sent, s.poll_returned) for s in starts if s.poll_sent and s.poll_returned]
+
+    def over_polled(values: list[float]) -> Percentiles | None:
+        return Percentiles.of(values) if values else None
+
     return Latency(
         ready_to_handler=Percentiles.of([s.wall - s.ready_at for s in starts]),
         ready_to_lease=Percentiles.of([s.started_at - s.ready_at for s in starts]),
         commit_to_handler=Percentiles.of([s.wall - committed[s.index] for s in starts]),
         start_call=Percentiles.of([committed[s.index] - called[s.index] for s in starts]),
-        commit_to_poll=Percentiles.of([s.poll_sent - committed[s.index] for s in starts]),
-        poll_call=Percentiles.of([s.poll_returned - s.poll_sent for s in starts]),
-        poll_to_handler=Percentiles.of([s.wall - s.poll_returned for s in starts]),
+        commit_to_poll=over_polled([sent - committed[s.index] for s, sent, _ in polled]),
+        poll_call=over_polled([returned - sent for _, sent, returned in polled]),
+        poll_to_handler=over_polled([s.wall - returned for s, _, returned in polled]),
         samples=len(starts),
+        direct=len(starts) - len(polled),
     )
 
 

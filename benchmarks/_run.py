@@ -425,6 +425,9 @@ def run_latency(run: Run, only: list[str]) -> None:
         if path == "LISTEN/NOTIFY":
             run.rows.append(Row(label, "ready_at → started_at (DB)", latency_cells(result.ready_to_lease)))
             run.rows.append(Row(label, "commit returned → handler", latency_cells(result.commit_to_handler)))
+            run.rows.append(
+                Row(label, "leased by the start (direct dispatch)", f"{result.direct} of {result.samples}")
+            )
             steps = (
                 ("step: start_workflow call", result.start_call),
                 ("step: start returned → poll sent", result.commit_to_poll),
@@ -432,7 +435,8 @@ def run_latency(run: Run, only: list[str]) -> None:
                 ("step: poll returned → handler", result.poll_to_handler),
             )
             for measure, percentiles in steps:
-                run.rows.append(Row(label, measure, latency_cells(percentiles, digits=2)))
+                cells = "no task was polled" if percentiles is None else latency_cells(percentiles, digits=2)
+                run.rows.append(Row(label, measure, cells))
     floor = _latency.commit_floor(run.dsn, "bench_latency_floor", run.size.latency)
     run.rows.append(
         Row(

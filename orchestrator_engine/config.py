@@ -91,6 +91,9 @@ class EngineConfig:
     reclaim_interval: timedelta = timedelta(seconds=1)
     max_payload_bytes: int = 1_048_576
     notify: bool = True
+    #: idle workers wait in waiting_workers, and a start leases its lone ready task to one of them
+    #: (needs notify); see docs/concepts/leases-and-fencing.md
+    direct_dispatch: bool = True
     application_name: str = "orchestrator-engine"
 
     def __post_init__(self) -> None:
@@ -124,7 +127,8 @@ class EngineConfig:
             f"lease_duration={self.lease_duration!r}, renewal_interval={self.renewal_interval!r}, "
             f"poll_interval={self.poll_interval!r}, reclaim_interval={self.reclaim_interval!r}, "
             f"max_payload_bytes={self.max_payload_bytes!r}, "
-            f"notify={self.notify!r}, application_name={self.application_name!r})"
+            f"notify={self.notify!r}, direct_dispatch={self.direct_dispatch!r}, "
+            f"application_name={self.application_name!r})"
         )
 
     @property
@@ -159,6 +163,8 @@ class EngineConfig:
             kwargs["max_payload_bytes"] = int(root["max-payload-bytes"])
         if root.get("notify") is not None:
             kwargs["notify"] = _as_bool(root["notify"])
+        if root.get("direct-dispatch") is not None:
+            kwargs["direct_dispatch"] = _as_bool(root["direct-dispatch"])
         return cls(**kwargs)
 
     @classmethod
@@ -184,6 +190,7 @@ class EngineConfig:
             "poll-interval": environ.get("ORCHESTRATOR_POLL_INTERVAL"),
             "max-payload-bytes": environ.get("ORCHESTRATOR_MAX_PAYLOAD_BYTES"),
             "notify": environ.get("ORCHESTRATOR_NOTIFY"),
+            "direct-dispatch": environ.get("ORCHESTRATOR_DIRECT_DISPATCH"),
         }
         return cls.from_mapping({"orchestrator": root})
 

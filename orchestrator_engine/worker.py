@@ -9,6 +9,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .coordinators import TaskCoordinator
 from .coordinators._engine import Engine, notify_channel
 from .coordinators._ids import as_name
 from .errors import FencingError, LeaseLostError, OrchestratorError, PayloadError
-from .models import TaskExecution
+from .models import TaskExecution, execution_from_row
 
 log = logging.getLogger("orchestrator_engine.worker")
 
@@ -42,6 +43,13 @@ BUSY_WINDOW = 1.0
 RESULT_RETRIES = 8
 #: results waiting for their group commit may hold this many times ``concurrency`` leases in all
 PIPELINE_DEPTH = 2
+#: an idle worker rewrites its waiting_workers row this often (a start takes only one seen in the last
+#: ten seconds, so a frozen worker stops getting tasks soon), and wakes at least this often meanwhile
+WAIT_REFRESH = 3.0
+#: and rewrites it no more often than this when its free slots change
+WAIT_MIN_GAP = 0.1
+#: tries (50 ms apart) to take the advisory lock that shows a worker's listener is alive
+LOCK_TRIES = 20
 #: guards the first use of a TaskContext's lease_lost event (made lazily)
 _LEASE_LOST_LOCK = threading.Lock()
 
@@ -57,6 +65,8 @@ class WorkerStats:
     polls: int = 0
     notifications: int = 0
     listener_reconnects: int = 0
+    #: tasks a start leased to this worker directly (no poll)
+    direct: int = 0
     start_latencies: list[float] = field(default_factory=list)
 
 
@@ -180,6 +190,21 @@ class Worker:
         self._shutdown_timeout = 30.0
         self._gauge: Any = None
         self._completer = _GroupCompleter(self)
+        # direct dispatch (migration 0007): starts lease tasks to this worker while it waits idle
+        self._direct = self.config.notify and self.config.direct_dispatch
+        self._channel = f"orchestrator_worker_{self.worker_id.hex}"
+        self._lock_key = int.from_bytes(self.worker_id.bytes[:8], "big", signed=True)
+        #: execution ids a start said it leased to this worker, not handed out yet
+        self._grants: deque[UUID] = deque()
+        #: set while the listener holds the lock (starts may take this worker); cleared when it drops
+        self._listening = threading.Event()
+        #: look for leases held but not known (grants whose notification was lost) on the next round
+        self._adopt = threading.Event()
+        #: what the waiting_workers row says (None: no row written by this run), and when it was written
+        self._waiting: int | None = None
+        self._waiting_at = float("-inf")
+        #: the running worker's handler threads (the listener hands direct grants to them)
+        self._handlers: _HandlerThreads | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -187,7 +212,8 @@ class Worker:
         """Work until ``stop()`` or SIGTERM/SIGINT, then drain running handlers for up to the timeout."""
         self._shutdown_timeout = shutdown_timeout
         restore = self._install_signal_handlers()
-        handlers = _HandlerThreads(self._execute)
+        handlers = _HandlerThreads(self._execute, self.concurrency)
+        self._handlers = handlers
         helpers = [
             threading.Thread(target=self._heartbeat_loop, name="orchestrator-heartbeat", daemon=True),
         ]
@@ -211,6 +237,7 @@ class Worker:
         finally:
             self._stopping.set()
             self._drain(self._shutdown_timeout)
+            self._handlers = None
             handlers.close()
             self._completer.close()
             completer.join(timeout=5)
@@ -310,6 +337,8 @@ class Worker:
         while not self._stopping.is_set():
             # cleared before the slots are counted: a slot freed from here on sets it again (_nudge)
             self._wake.clear()
+            if self._grants or self._adopt.is_set():
+                self._take_grants(handlers)
             free = self._free_slots()
             if free <= 0:
                 self._wake.wait(interval)
@@ -330,20 +359,7 @@ class Worker:
                 continue
             self.stats.polls += 1
             for execution in leased:
-                ctx = TaskContext(self, execution)
-                with self._inflight_lock:
-                    self._inflight[execution.execution_id] = ctx
-                    self._busy += 1
-                    busy = self._busy
-                self.stats.started += 1
-                telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
-                if execution.ready_at is not None and execution.started_at is not None:
-                    latency = (execution.started_at - execution.ready_at).total_seconds()
-                    self.stats.start_latencies.append(latency)
-                    telemetry.record_seconds(
-                        "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
-                    )
-                handlers.submit(ctx, busy)
+                self._hand_out(execution, handlers)
             try:
                 self.tasks._reclaim_if_due()  # after the hand-off: never between ready and handler start
             except (psycopg.Error, OrchestratorError) as exc:
@@ -351,11 +367,133 @@ class Worker:
             now = time.monotonic()
             if leased:
                 last_work = now
+            if self._direct:
+                self._wait_for_grants(drained=len(leased) < free, types=types)
             if len(leased) < free:
                 # Queue drained: sleep until NOTIFY, a free slot, or the backstop. Right after work was
                 # flowing, re-poll soon instead: another poller holding a hot instance can make a poll
                 # come back short while ready tasks remain, and their NOTIFY has already been spent.
-                self._wake.wait(BUSY_REPOLL if now - last_work < BUSY_WINDOW else interval)
+                idle = min(interval, WAIT_REFRESH) if self._waiting else interval
+                self._wake.wait(BUSY_REPOLL if now - last_work < BUSY_WINDOW else idle)
+        if self._direct:
+            self._leave(handlers)
+
+    def _hand_out(self, execution: TaskExecution, handlers: _HandlerThreads, *, direct: bool = False) -> None:
+        """Give a leased execution to a handler thread (a direct grant once, however often it is found)."""
+        ctx = TaskContext(self, execution)
+        with self._inflight_lock:
+            if direct:
+                if execution.execution_id in self._inflight:
+                    return  # told on the channel and found by adopting too
+                self.stats.direct += 1
+                if self._waiting:
+                    self._waiting -= 1  # the start took one of the slots the row offered
+            self._inflight[execution.execution_id] = ctx
+            self._busy += 1
+            busy = self._busy
+            self.stats.started += 1
+        telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
+        if execution.ready_at is not None and execution.started_at is not None:
+            latency = (execution.started_at - execution.ready_at).total_seconds()
+            self.stats.start_latencies.append(latency)
+            telemetry.record_seconds(
+                "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
+            )
+        handlers.submit(ctx, busy)
+
+    # -- direct dispatch -------------------------------------------------------------------------
+
+    def _take_grants(self, handlers: _HandlerThreads) -> None:
+        """Hand out the tasks starts leased to this worker (told on its channel, or found by adopting)."""
+        ids: list[UUID] = []
+        while self._grants:
+            ids.append(self._grants.popleft())
+        adopt = self._adopt.is_set()
+        self._adopt.clear()
+        repos = self.tasks.engine.repos
+        try:
+            with self.tasks.engine.single() as c:
+                if adopt:
+                    # a grant told while the listener was away: its lease is held, nobody else runs it
+                    ids.extend(repos.workers.worker_held(c, self.worker_id))
+                with self._inflight_lock:
+                    ids = [i for i in dict.fromkeys(ids) if i not in self._inflight]
+                rows = repos.workers.worker_granted(c, self.worker_id, ids) if ids else []
+        except (psycopg.Error, OrchestratorError) as exc:
+            # looked for again on the next round; a lease nobody runs lapses and is reclaimed
+            log.warning("worker %s could not read its granted tasks (%s)", self.worker_id, type(exc).__name__)
+            self._grants.extend(ids)
+            self._adopt.set()
+            self._stopping.wait(0.05)
+            return
+        for row in rows:
+            self._hand_out(execution_from_row(row), handlers, direct=True)
+
+    def _receive_grant(self, conn: psycopg.Connection[Any], execution_id: UUID) -> None:
+        """On the listener's thread and connection, awake from delivering the notification: read the
+        granted execution and hand it out at once (the poll loop stays out of the task's path)."""
+        handlers = self._handlers
+        if handlers is None:
+            self._grants.append(execution_id)  # the poll loop takes it
+            self._wake.set()
+            return
+        with self._inflight_lock:
+            if execution_id in self._inflight:
+                return
+        # a failure here drops the listener's connection: it reconnects and adopts what it holds
+        for row in self.tasks.engine.repos.workers.worker_granted(conn, self.worker_id, [execution_id]):
+            self._hand_out(execution_from_row(row), handlers, direct=True)
+
+    def _wait_for_grants(self, *, drained: bool, types: list[str]) -> None:
+        """Keep this worker's waiting_workers row true: free slots while the queue is dry, else none."""
+        if not self._listening.is_set():
+            self._waiting = None  # rewritten once the listener holds its lock again
+            return
+        # free slots while the queue is dry; none while polls keep it busy (direct grants are for idle
+        # workers). Rewritten when that changes, at most every WAIT_MIN_GAP (a worker whose queue runs
+        # dry between polls under load would otherwise commit after most polls), and every WAIT_REFRESH.
+        free = max(self._free_slots(), 0) if drained else 0
+        age = time.monotonic() - self._waiting_at
+        if free == self._waiting and age < WAIT_REFRESH:
+            return
+        if self._waiting is not None and age < WAIT_MIN_GAP:
+            return
+        if free == 0 and not self._waiting:
+            return  # nothing offered, nothing to take back
+        repos = self.tasks.engine.repos
+        try:
+            with self.tasks.engine.single() as c:
+                repos.workers.worker_wait(
+                    c,
+                    worker_id=self.worker_id,
+                    namespace=self.namespace,
+                    task_types=types,
+                    free=free,
+                    lease=self.config.lease_duration,
+                    lock_key=self._lock_key,
+                    channel=self._channel,
+                )
+            refreshed = time.monotonic() - self._waiting_at >= WAIT_REFRESH
+            self._waiting, self._waiting_at = free, time.monotonic()
+            if refreshed:
+                with self.tasks.engine.single() as c:
+                    repos.workers.worker_forget_dead(c, self.worker_id)
+        except (psycopg.Error, OrchestratorError) as exc:
+            log.warning("worker %s could not update its wait (%s)", self.worker_id, type(exc).__name__)
+            self._waiting = None
+
+    def _leave(self, handlers: _HandlerThreads) -> None:
+        """Stop taking direct grants, then hand out any made before: they run in the drain."""
+        try:
+            with self.tasks.engine.single() as c:
+                self.tasks.engine.repos.workers.worker_leave(c, self.worker_id)
+        except (psycopg.Error, OrchestratorError) as exc:
+            # the row stays; starts stop taking this worker once its listener connection closes
+            log.warning("worker %s could not leave the waiting list (%s)", self.worker_id, type(exc).__name__)
+            return
+        self._waiting = None
+        self._adopt.set()
+        self._take_grants(handlers)
 
     # -- running one task ------------------------------------------------------------------------
 
@@ -502,14 +640,24 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(self.config.dsn, autocommit=True, connect_timeout=5) as conn:
+                    direct = self._direct and self._hold_lock(conn)
                     conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+                    if direct:
+                        self._adopt.set()  # grants told while it was away are looked for next round
+                        self._listening.set()
                     backoff = 0.1
                     self._wake.set()  # anything announced while we were not listening is picked up now
                     while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=0.25, stop_after=1):
+                        # taken out first: the generator holds the connection's lock while it yields,
+                        # and a grant is read on this connection (those arriving meanwhile are kept)
+                        for note in list(conn.notifies(timeout=0.25, stop_after=1)):
                             self.stats.notifications += 1
-                            self._wake.set()
+                            if note.channel == self._channel:
+                                self._receive_grant(conn, UUID(note.payload))
+                            else:
+                                self._wake.set()
             except psycopg.Error as exc:
+                self._listening.clear()
                 if self._stopping.is_set():
                     return
                 self.stats.listener_reconnects += 1
@@ -522,6 +670,19 @@ class Worker:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    def _hold_lock(self, conn: psycopg.Connection[Any]) -> bool:
+        """Listen on this worker's own channel and hold its lock, which tells starts it is alive."""
+        conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel)))
+        workers = self.tasks.engine.repos.workers
+        for _ in range(LOCK_TRIES):
+            # a start that found this worker's previous connection gone holds it shared, briefly
+            if workers.worker_lock(conn, self._lock_key):
+                return True
+            if self._stopping.wait(0.05):
+                return False
+        log.warning("worker %s could not take its lock: no direct dispatch to it", self.worker_id)
+        return False
+
 
 class _HandlerThreads:
     """The threads that run handlers, fed by one queue; a thread starts when every one is busy.
@@ -533,15 +694,17 @@ class _HandlerThreads:
     threads than that ever start.
     """
 
-    def __init__(self, run: Callable[[TaskContext], None]) -> None:
+    def __init__(self, run: Callable[[TaskContext], None], limit: int) -> None:
         self._run = run
+        #: never more threads than this (direct grants past the free slots wait in the queue)
+        self._limit = limit
         self._queue: queue.SimpleQueue[TaskContext | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
     def submit(self, ctx: TaskContext, busy: int) -> None:
         """Queue ``ctx``; ``busy`` counts the handlers handed out, this one included."""
         self._queue.put(ctx)
-        if busy > len(self._threads):
+        if busy > len(self._threads) and len(self._threads) < self._limit:
             # daemon threads, like the worker's own: a process whose worker was never stopped still
             # exits, and a handler still running when the shutdown timeout ends does not hold it
             # open (its lease lapses and the task runs again)

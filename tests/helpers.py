@@ -9,7 +9,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -455,3 +456,51 @@ def reap(child: subprocess.Popen[str]) -> None:
     if child.poll() is None:
         child.kill()
     child.communicate(timeout=30)
+
+
+# -- worker processes ---------------------------------------------------------------------------------
+
+#: the repository checkout, put on a worker process's PYTHONPATH
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKER_SCRIPT = Path(__file__).resolve().parent / "worker_process.py"
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait until ``condition()`` holds; the timeout bounds a failing test, it measures nothing."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.005)
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    worker_id: UUID
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@contextmanager
+def worker_process(dsn: str, tmp_path: Path, *options: str) -> Iterator[WorkerProcess]:
+    """Run tests/worker_process.py; it is killed on the way out if the test left it running."""
+    worker_id = uuid.uuid4()
+    log = tmp_path / f"worker-{worker_id}.log"
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "WORKER_DSN": dsn, "PYTHONPATH": path}
+    command = [sys.executable, str(WORKER_SCRIPT), "--worker-id", str(worker_id), *options]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield WorkerProcess(proc, worker_id, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -268,6 +268,12 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
             backend.to_apply(_read_migrations().filter(lambda m: m.id == ALL_MIGRATIONS[0]))
         )
     assert _applied_ids(empty_dsn, "upgraded") == ALL_MIGRATIONS[:1]
+    # this engine's start names 0007's table (it may lease the task to an idle worker): a stand-in
+    # lets it run here, and with no worker waiting it writes the rows 0001's start wrote
+    stand_in = "CREATE TABLE upgraded.waiting_workers (worker_id uuid, namespace text, task_types text[],"
+    stand_in += " free integer, lease_duration interval, lock_key bigint, channel text, seen_at timestamptz)"
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute(stand_in)
     definition = WorkflowDefinition("ns", "wf", [TaskDefinition("t", task_type="work")])
     with create_pool(config, min_size=1, max_size=2) as pool:
         wc = WorkflowCoordinator(pool, config)
@@ -313,6 +319,8 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
                 {"i": cancelled},
             )
 
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            conn.execute("DROP TABLE upgraded.waiting_workers")
         assert migrate(config) == ALL_MIGRATIONS[1:]
         with psycopg.connect(empty_dsn) as conn:
             report = check_invariants(conn, schema="upgraded", require_finished=False)

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from helpers import REPO_ROOT, wait_for, worker_process
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
 
 Pool = ConnectionPool[psycopg.Connection[Any]]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKER_SCRIPT = Path(__file__).resolve().parent / "worker_process.py"
 NAMESPACE = "worker-spec"
 #: how long a test waits for the engine before giving up; it bounds a failing test, it measures nothing
 SETTLE = 30.0
@@ -88,11 +87,7 @@ def _tuned(
 
 
 def _wait_for(what: str, condition: Callable[[], bool], timeout: float = SETTLE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.005)
+    wait_for(what, condition, timeout)
 
 
 # -- reading the engine's tables ----------------------------------------------------------------------
@@ -239,38 +234,6 @@ def _steal_lease(worker_pool: Pool, thief: TaskCoordinator, thief_id: UUID, task
 # -- worker processes ---------------------------------------------------------------------------------
 
 
-@dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    worker_id: UUID
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-@contextmanager
-def _worker_process(dsn: str, tmp_path: Path, *options: str) -> Iterator[WorkerProcess]:
-    """Run tests/worker_process.py; it is killed on the way out if the test left it running."""
-    worker_id = uuid.uuid4()
-    log = tmp_path / f"worker-{worker_id}.log"
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "WORKER_DSN": dsn, "PYTHONPATH": path}
-    command = [sys.executable, str(WORKER_SCRIPT), "--worker-id", str(worker_id), *options]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield WorkerProcess(proc, worker_id, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 # -- throughput ---------------------------------------------------------------------------------------
 
 
@@ -317,7 +280,7 @@ def test_sigterm_lets_running_handlers_finish_and_report_before_the_process_exit
     _start(workflows, "slow", 16)
 
     options = ["--task-type", "slow", "--sleep", "0.5", "--concurrency", "4", "--poll", "0.2"]
-    with _worker_process(dsn, tmp_path, *options, "--shutdown-timeout", str(shutdown_timeout)) as worker:
+    with worker_process(dsn, tmp_path, *options, "--shutdown-timeout", str(shutdown_timeout)) as worker:
         _wait_for("the worker process to start a handler", lambda: run_log.count(worker.pid) >= 1)
         worker.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -363,7 +326,7 @@ def test_a_handler_past_the_shutdown_timeout_is_abandoned_and_its_task_runs_agai
     workflows.register_workflow(_single("stuck", "stuck"))
     (instance,) = _start(workflows, "stuck", 1)
     options = ["--task-type", "stuck", "--sleep", "120", "--lease", "2", "--renewal", "0.5", "--poll", "0.2"]
-    with _worker_process(dsn, tmp_path, *options, "--shutdown-timeout", "1") as worker:
+    with worker_process(dsn, tmp_path, *options, "--shutdown-timeout", "1") as worker:
         _wait_for("the worker process to start the handler", lambda: run_log.count(worker.pid) >= 1)
         first_token = tables.executions()[0]["fence_token"]
         worker.proc.send_signal(signal.SIGTERM)
@@ -400,7 +363,7 @@ def test_sigkill_mid_run_loses_no_task_and_reruns_only_the_tasks_the_dead_worker
     _start(workflows, "chain", 8)
     short_leases = ["--lease", "1.0", "--renewal", "0.3", "--poll", "0.2"]
 
-    with _worker_process(dsn, tmp_path, "--task-type", "step", "--sleep", "1.0", *short_leases) as dead:
+    with worker_process(dsn, tmp_path, "--task-type", "step", "--sleep", "1.0", *short_leases) as dead:
         # its first poll leases four tasks; their handlers sleep 1s, so it dies holding all four
         _wait_for("the worker process to start four handlers", lambda: run_log.count(dead.pid) >= 4)
         dead.proc.send_signal(signal.SIGKILL)

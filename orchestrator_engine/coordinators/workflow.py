@@ -197,7 +197,14 @@ class WorkflowCoordinator:
                 if definition is not None:
                     batch.add(request, input_text, definition, order)
             rows = self._engine.repos.instances.workflow_start_many(
-                c, batch.instances, batch.plan_texts, channel=channel
+                c,
+                batch.instances,
+                batch.plan_texts,
+                channel=channel,
+                # in a host's transaction a lease would tick before the host commits, and a start that
+                # does not notify itself could not tell the worker: those leave the task to a poll. So
+                # do batches: only a start of one workflow can make exactly one task ready
+                direct=channel is not None and not in_transaction and len(batch.instances) == 1,
             )
             if not rows[0]["stale"]:
                 break
@@ -460,6 +467,8 @@ class _StartBatch:
             if row["instance_id"] is None:
                 continue  # the row of NULLs: nothing was started
             request, workflow_input, version, sequence_number = self._meta[str(row["instance_id"])]
+            # a task leased in the start (direct dispatch, one instance only) added its TASK_STARTED
+            sequence_number += row["granted"]
             out[(request.namespace, request.workflow_name, request.run_id)] = WorkflowInstance(
                 instance_id=row["instance_id"],
                 namespace=request.namespace,

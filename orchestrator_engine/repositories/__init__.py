@@ -8,6 +8,7 @@ from .events import EventRepository
 from .executions import ExecutionRepository
 from .instances import InstanceRepository
 from .maintenance import MaintenanceRepository
+from .workers import WorkerRepository
 
 
 class Repositories:
@@ -19,6 +20,7 @@ class Repositories:
         self.executions = ExecutionRepository(schema)
         self.events = EventRepository(schema)
         self.maintenance = MaintenanceRepository(schema)
+        self.workers = WorkerRepository(schema)
 
 
 __all__ = [
@@ -29,4 +31,5 @@ __all__ = [
     "MaintenanceRepository",
     "Repositories",
     "Row",
+    "WorkerRepository",
 ]

@@ -19,9 +19,14 @@ class InstanceRepository(Repository):
         plan_texts: list[str],
         *,
         channel: str | None,
+        direct: bool = False,
     ) -> list[Row]:
-        """Start the instances; ``plan_texts`` are JSON plans, which each instance's "plan" indexes."""
-        return self._all(conn, "workflow_start_many", self.start_parameters(instances, plan_texts, channel))
+        """Start the instances; ``plan_texts`` are JSON plans, which each instance's "plan" indexes.
+
+        ``direct``: lease a lone ready task to an idle worker in this statement (direct dispatch).
+        """
+        params = self.start_parameters(instances, plan_texts, channel, direct)
+        return self._all(conn, "workflow_start_many", params)
 
     def announce(self, conn: psycopg.Connection[Any], channel: str, namespaces: list[str]) -> None:
         """Wake idle workers of ``namespaces``; send it in a transaction of its own (``Engine.single``)."""
@@ -29,13 +34,14 @@ class InstanceRepository(Repository):
 
     @staticmethod
     def start_parameters(
-        instances: list[dict[str, Any]], plan_texts: list[str], channel: str | None
+        instances: list[dict[str, Any]], plan_texts: list[str], channel: str | None, direct: bool = False
     ) -> dict[str, Any]:
         """Return workflow_start_many's parameters (the benchmark explains the statement with them)."""
         return {
             "instances": json.dumps(instances),
             "plans": "[" + ",".join(plan_texts) + "]",
             "channel": channel,
+            "direct": direct,
         }
 
     def workflow_get(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:

@@ -11,7 +11,15 @@ from psycopg import sql
 
 _BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
-_FILES = ("definitions.sql", "instances.sql", "executions.sql", "events.sql", "maintenance.sql", "check.sql")
+_FILES = (
+    "definitions.sql",
+    "instances.sql",
+    "executions.sql",
+    "events.sql",
+    "maintenance.sql",
+    "workers.sql",
+    "check.sql",
+)
 
 
 def _parse(text: str) -> dict[str, str]:

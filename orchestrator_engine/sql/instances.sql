@@ -68,8 +68,17 @@ SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS
 -- caller plans it again on the latest versions it reads now. The check runs in this statement's
 -- snapshot, so every start uses the version that was the latest when it was written.
 -- Unless channel is NULL, each namespace that got a new instance is announced on it (pg_notify,
--- delivered at commit) to wake idle workers. Always returns a row: the started instances' ids and
--- timestamps (the caller knows the rest), or one row of NULLs that carries the counts.
+-- delivered at commit) to wake idle workers.
+-- Direct dispatch (migration 0007), when `direct` is true (a start outside a host transaction that
+-- notifies itself) and the batch makes exactly one task ready: a slot of a live idle worker that
+-- takes that task is claimed (its listener connection holds lock_key, so this transaction cannot take
+-- that lock; SKIP LOCKED, so starts never wait for each other here), the task is inserted leased to
+-- it (RUNNING, fence token 1, its lease row, a TASK_STARTED event after the TASK_SCHEDULED, the
+-- instance's sequence one further), and the worker is told the execution id on its own channel
+-- instead of waking every worker. A run_id that exists already claims nothing; one inserted by a
+-- concurrent start in between loses the claimed slot until the worker resets its count.
+-- Always returns a row: the started instances' ids and timestamps (the caller knows the rest), or
+-- one row of NULLs that carries the counts.
 WITH requested AS (
     SELECT * FROM jsonb_to_recordset(%(instances)s::jsonb) AS r(
         instance_id uuid, namespace text, workflow_name text, workflow_version integer, run_id text,
@@ -85,19 +94,46 @@ WITH requested AS (
     WHERE l.workflow_version IS DISTINCT FROM (
         SELECT max(d.version) FROM {schema}.workflow_definitions d
         WHERE d.namespace = l.namespace AND d.name = l.workflow_name)
+), direct AS (
+    SELECT q.namespace, t.task_type
+    FROM requested q
+    JOIN plans p ON p.plan = q.plan
+    CROSS JOIN LATERAL jsonb_to_recordset(p.tasks) AS t(task_type text, seq bigint)
+    WHERE %(direct)s::boolean AND t.seq IS NOT NULL AND NOT EXISTS (SELECT FROM stale)
+      -- a probe of uk_idempotency per requested row: a scalar subquery is never made a join (which
+      -- the planner, costing jsonb_to_recordset at 100 rows, would run as a scan of every instance)
+      AND (SELECT count(*) FROM (
+              SELECT FROM {schema}.workflow_instances w
+              WHERE w.namespace = q.namespace AND w.workflow_name = q.workflow_name AND w.run_id = q.run_id
+              LIMIT 1) e) = 0
+), claimed AS (
+    UPDATE {schema}.waiting_workers w
+    SET free = w.free - 1
+    WHERE w.worker_id = (
+        SELECT x.worker_id
+        FROM {schema}.waiting_workers x, direct d
+        WHERE (SELECT count(*) FROM direct) = 1
+          AND x.free > 0 AND x.seen_at > now() - interval '10 seconds'
+          AND (x.namespace IS NULL OR x.namespace = d.namespace)
+          AND d.task_type = ANY(x.task_types)
+          AND NOT pg_try_advisory_xact_lock_shared(x.lock_key)
+        LIMIT 1
+        FOR UPDATE OF x SKIP LOCKED)
+    RETURNING w.worker_id, w.lease_duration, w.channel
 ), started AS (
     INSERT INTO {schema}.workflow_instances
         (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
          pending_tasks)
     SELECT q.instance_id, q.namespace, q.workflow_name, q.workflow_version, q.run_id, 'RUNNING', q.input,
-           p.sequence_number, p.pending_tasks
+           p.sequence_number + (SELECT count(*) FROM claimed), p.pending_tasks
     FROM requested q JOIN plans p ON p.plan = q.plan
     WHERE NOT EXISTS (SELECT FROM stale)
     ORDER BY q.ord
     ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
     RETURNING instance_id, namespace, workflow_version, run_id, input, created_at, updated_at
 ), planned AS (
-    SELECT s.instance_id, s.namespace, s.input, q.execution_ids[t.n] AS execution_id, t.*
+    SELECT s.instance_id, s.namespace, s.input, q.execution_ids[t.n] AS execution_id, t.*,
+           make_interval(secs => t.timeout_ms / 1000.0) AS timeout
     FROM started s
     JOIN requested q ON q.instance_id = s.instance_id
     JOIN plans p ON p.plan = q.plan
@@ -107,14 +143,31 @@ WITH requested AS (
 ), tasks AS (
     INSERT INTO {schema}.task_executions
         (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,
-         attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at)
+         attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at,
+         lease_holder, lease_expires_at, fence_token, started_at, deadline_at)
     SELECT t.execution_id, t.instance_id, t.namespace, t.task_id, t.task_type, 'FORWARD',
            t.instance_id || ':' || t.task_id || ':1', 1, 0, t.max_attempts,
-           CASE WHEN t.seq IS NULL THEN 'PENDING' ELSE 'READY' END, t.depends_on, cardinality(t.depends_on),
+           CASE WHEN t.seq IS NULL THEN 'PENDING' WHEN g.worker_id IS NULL THEN 'READY' ELSE 'RUNNING' END,
+           t.depends_on, cardinality(t.depends_on),
            CASE WHEN t.seq IS NOT NULL
                 THEN jsonb_build_object('workflow', t.input, 'dependencies', jsonb_build_object()) END,
-           make_interval(secs => t.timeout_ms / 1000.0), CASE WHEN t.seq IS NOT NULL THEN now() END
+           t.timeout, CASE WHEN t.seq IS NOT NULL THEN now() END,
+           -- a grant as the poll makes it (task_poll_and_lease), the first of this execution
+           g.worker_id,
+           CASE WHEN g.worker_id IS NOT NULL
+                THEN now() + LEAST(g.lease_duration, COALESCE(t.timeout, g.lease_duration)) END,
+           CASE WHEN g.worker_id IS NOT NULL THEN 1 ELSE 0 END,
+           CASE WHEN g.worker_id IS NOT NULL THEN now() END,
+           CASE WHEN g.worker_id IS NOT NULL THEN now() + t.timeout END
     FROM planned t
+    LEFT JOIN claimed g ON t.seq IS NOT NULL
+    RETURNING execution_id, workflow_instance_id, task_id, kind, attempt_number, lease_holder,
+              lease_expires_at, fence_token
+), leased AS (
+    INSERT INTO {schema}.execution_leases (lease_key, workflow_instance_id, holder_id, expires_at, fence_token)
+    SELECT k.execution_id, k.workflow_instance_id, k.lease_holder, k.lease_expires_at, k.fence_token
+    FROM tasks k
+    WHERE k.lease_holder IS NOT NULL
     RETURNING 1
 ), logged AS (
     INSERT INTO {schema}.events
@@ -129,15 +182,29 @@ WITH requested AS (
            t.instance_id || ':scheduled:' || t.execution_id || ':0'
     FROM planned t
     WHERE t.seq IS NOT NULL
+    UNION ALL
+    SELECT gen_random_uuid(), k.workflow_instance_id, t.seq + 1, 'TASK_STARTED',
+           jsonb_build_object('execution_id', k.execution_id, 'task_id', k.task_id, 'kind', k.kind,
+                              'attempt', k.attempt_number, 'worker_id', k.lease_holder,
+                              'fence_token', k.fence_token),
+           k.workflow_instance_id::text || ':started:' || k.execution_id::text || ':' || k.fence_token::text
+    FROM tasks k
+    JOIN planned t ON t.execution_id = k.execution_id
+    WHERE k.lease_holder IS NOT NULL
     RETURNING 1
+), told AS (
+    SELECT pg_notify(g.channel, k.execution_id::text)
+    FROM tasks k, claimed g
+    WHERE k.lease_holder IS NOT NULL
 ), woken AS (
     SELECT pg_notify(%(channel)s::text, n.namespace)
     FROM (SELECT DISTINCT s.namespace FROM started s) AS n
-    WHERE %(channel)s::text IS NOT NULL
+    WHERE %(channel)s::text IS NOT NULL AND NOT EXISTS (SELECT FROM tasks k WHERE k.lease_holder IS NOT NULL)
 )
 SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM tasks) AS tasks_written,
        (SELECT count(*) FROM logged) AS events_written, (SELECT count(*) FROM woken) AS notified,
-       (SELECT count(*) FROM stale) AS stale
+       (SELECT count(*) FROM stale) AS stale, (SELECT count(*) FROM told) AS granted,
+       (SELECT count(*) FROM leased) AS leases_written
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
 
 -- name: announce
