@@ -445,7 +445,7 @@ def run_latency(run: Run, only: list[str]) -> None:
             latency_cells(floor),
             "",
             "",
-            "ready → handler holds two of these in series",
+            "ready → handler holds one (two when a poll leases the task)",
         )
     )
     run.method.append(
@@ -454,17 +454,20 @@ def run_latency(run: Run, only: list[str]) -> None:
         "is `now()` of the starting transaction, so ready → handler includes that transaction's own "
         "statements and commit; *commit returned → handler* starts the clock when `start_workflow` "
         "returns. Handler start is `time.time()` inside the handler; server and worker share the clock. "
+        "The idle worker waits for direct dispatch (its default), so each start normally leases its task "
+        "to it in its own statement (*leased by the start* counts those) and ready_at → started_at is 0. "
         "The *step* rows time the path's parts one by one: the `start_workflow` call (its statement and "
-        "commit), start returned → poll sent (NOTIFY delivery and the worker's wake-up), the poll "
-        "statement (its lease and commit; the benchmark wraps the worker's poll to time it) and poll "
+        "commit), then for tasks a poll leased: start returned → poll sent (NOTIFY delivery and the "
+        "worker's wake-up), the poll statement (its lease and commit; the benchmark wraps the worker's "
+        "poll to time it) and poll "
         "returned → handler start (the hand-off to a handler thread). They overlap a little: the "
         "NOTIFY goes out at commit, so the worker may send its poll before `start_workflow` has returned "
         "to the driver (start returned → poll sent is then negative), and their medians need not add "
         "up to the end-to-end row. "
         f"The *floor* row times {run.size.latency} autocommit `UPDATE bench SET n = n + 1 WHERE id = $1 "
         "RETURNING n` on one connection at the same pace: a round trip to a server woken from idle plus "
-        "one WAL flush, the cost of each of the two commits (the start's, the poll's) on the way from "
-        "ready to handler. "
+        "one WAL flush, the cost of the start's commit on the way from ready to handler (and of the "
+        "poll's, for a task a poll leases). "
         + (
             "A `CHECKPOINT` runs before each path, so the earlier workloads' dirty pages are not "
             "written during it."
