@@ -9,13 +9,15 @@
 -- lock lock_key (a session lock, released by the server when the connection ends, however the
 -- process died), and a start takes a worker only if it cannot take that lock itself. A worker that
 -- stops deletes its row; a row left by a dead one is never taken and is deleted by later workers'
--- housekeeping. free is a hint the worker resets whenever its queue runs dry: a task granted past
--- its handlers waits in its queue, with its lease renewed.
+-- housekeeping. free is what the worker offers, less what starts took since: the worker rewrites it
+-- less the grants it has not seen yet (granted counts every grant), so a grant is never offered
+-- twice; one past its handlers (rare) waits in its queue, with its lease renewed.
 CREATE TABLE waiting_workers (
     worker_id      uuid        NOT NULL,
     namespace      text,
     task_types     text[]      NOT NULL,
     free           integer     NOT NULL,
+    granted        bigint      NOT NULL DEFAULT 0,
     lease_duration interval    NOT NULL,
     lock_key       bigint      NOT NULL,
     channel        text        NOT NULL,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import signal
@@ -193,7 +194,13 @@ class Worker:
         # direct dispatch (migration 0007): starts lease tasks to this worker while it waits idle
         self._direct = self.config.notify and self.config.direct_dispatch
         self._channel = f"orchestrator_worker_{self.worker_id.hex}"
-        self._lock_key = int.from_bytes(self.worker_id.bytes[:8], "big", signed=True)
+        self._lock_key = worker_lock_key(self.worker_id)
+        #: direct grants handed out in this run (id -> when): each is handed out once, however it is
+        #: found (told, adopted); forgotten once its lease would have lapsed
+        self._direct_seen: dict[UUID, float] = {}
+        #: direct grants handed out in this run, and whether the row was written in this run yet
+        self._grants_seen = 0
+        self._waited = False
         #: execution ids a start said it leased to this worker, not handed out yet
         self._grants: deque[UUID] = deque()
         #: set while the listener holds the lock (starts may take this worker); cleared when it drops
@@ -237,7 +244,8 @@ class Worker:
         finally:
             self._stopping.set()
             self._drain(self._shutdown_timeout)
-            self._handlers = None
+            with self._inflight_lock:
+                self._handlers = None  # a grant the listener reads from now on is left to lapse
             handlers.close()
             self._completer.close()
             completer.join(timeout=5)
@@ -383,8 +391,10 @@ class Worker:
         ctx = TaskContext(self, execution)
         with self._inflight_lock:
             if direct:
-                if execution.execution_id in self._inflight:
-                    return  # told on the channel and found by adopting too
+                if execution.execution_id in self._direct_seen or self._handlers is not handlers:
+                    return  # told on the channel and found by adopting too; or the worker has stopped
+                self._direct_seen[execution.execution_id] = time.monotonic()
+                self._grants_seen += 1
                 self.stats.direct += 1
                 if self._waiting:
                     self._waiting -= 1  # the start took one of the slots the row offered
@@ -392,6 +402,8 @@ class Worker:
             self._busy += 1
             busy = self._busy
             self.stats.started += 1
+            # under the lock: run() drops the handlers under it too, so none is queued after that
+            handlers.submit(ctx, busy)
         telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
         if execution.ready_at is not None and execution.started_at is not None:
             latency = (execution.started_at - execution.ready_at).total_seconds()
@@ -399,7 +411,6 @@ class Worker:
             telemetry.record_seconds(
                 "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
             )
-        handlers.submit(ctx, busy)
 
     # -- direct dispatch -------------------------------------------------------------------------
 
@@ -410,6 +421,12 @@ class Worker:
             ids.append(self._grants.popleft())
         adopt = self._adopt.is_set()
         self._adopt.clear()
+        if adopt:
+            forget = time.monotonic() - 2 * self.config.lease_duration.total_seconds()
+            with self._inflight_lock:
+                for eid, at in list(self._direct_seen.items()):
+                    if at < forget:
+                        del self._direct_seen[eid]
         repos = self.tasks.engine.repos
         try:
             with self.tasks.engine.single() as c:
@@ -417,7 +434,7 @@ class Worker:
                     # a grant told while the listener was away: its lease is held, nobody else runs it
                     ids.extend(repos.workers.worker_held(c, self.worker_id))
                 with self._inflight_lock:
-                    ids = [i for i in dict.fromkeys(ids) if i not in self._inflight]
+                    ids = [i for i in dict.fromkeys(ids) if i not in self._direct_seen]
                 rows = repos.workers.worker_granted(c, self.worker_id, ids) if ids else []
         except (psycopg.Error, OrchestratorError) as exc:
             # looked for again on the next round; a lease nobody runs lapses and is reclaimed
@@ -429,6 +446,16 @@ class Worker:
         for row in rows:
             self._hand_out(execution_from_row(row), handlers, direct=True)
 
+    def _on_grant(self, conn: psycopg.Connection[Any], payload: str) -> None:
+        """Take a grant's notification; a payload that is not an execution id (anyone may NOTIFY on
+        the channel) is logged and dropped, and the listener goes on."""
+        try:
+            execution_id = UUID(payload)
+        except ValueError:
+            log.warning("worker %s ignored a notification that names no execution", self.worker_id)
+            return
+        self._receive_grant(conn, execution_id)
+
     def _receive_grant(self, conn: psycopg.Connection[Any], execution_id: UUID) -> None:
         """On the listener's thread and connection, awake from delivering the notification: read the
         granted execution and hand it out at once (the poll loop stays out of the task's path)."""
@@ -438,7 +465,7 @@ class Worker:
             self._wake.set()
             return
         with self._inflight_lock:
-            if execution_id in self._inflight:
+            if execution_id in self._direct_seen:
                 return
         # a failure here drops the listener's connection: it reconnects and adopts what it holds
         for row in self.tasks.engine.repos.workers.worker_granted(conn, self.worker_id, [execution_id]):
@@ -469,13 +496,17 @@ class Worker:
                     namespace=self.namespace,
                     task_types=types,
                     free=free,
+                    seen=self._grants_seen,
+                    fresh=not self._waited,
                     lease=self.config.lease_duration,
                     lock_key=self._lock_key,
                     channel=self._channel,
                 )
             refreshed = time.monotonic() - self._waiting_at >= WAIT_REFRESH
-            self._waiting, self._waiting_at = free, time.monotonic()
+            self._waiting, self._waiting_at, self._waited = free, time.monotonic(), True
             if refreshed:
+                # now and then: a grant whose notification never came (an old driver's, say) runs
+                self._adopt.set()
                 with self.tasks.engine.single() as c:
                     repos.workers.worker_forget_dead(c, self.worker_id)
         except (psycopg.Error, OrchestratorError) as exc:
@@ -653,7 +684,7 @@ class Worker:
                         for note in list(conn.notifies(timeout=0.25, stop_after=1)):
                             self.stats.notifications += 1
                             if note.channel == self._channel:
-                                self._receive_grant(conn, UUID(note.payload))
+                                self._on_grant(conn, note.payload)
                             else:
                                 self._wake.set()
             except psycopg.Error as exc:
@@ -682,6 +713,11 @@ class Worker:
                 return False
         log.warning("worker %s could not take its lock: no direct dispatch to it", self.worker_id)
         return False
+
+
+def worker_lock_key(worker_id: UUID) -> int:
+    """Return the advisory lock key a worker's listener holds while it lives (a hash of its id)."""
+    return int.from_bytes(hashlib.blake2b(worker_id.bytes, digest_size=8).digest(), "big", signed=True)
 
 
 class _HandlerThreads:

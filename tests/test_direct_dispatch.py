@@ -33,7 +33,7 @@ from orchestrator_engine import (
     WorkflowState,
 )
 from orchestrator_engine.check import check_invariants
-from orchestrator_engine.worker import TaskContext, Worker
+from orchestrator_engine.worker import TaskContext, Worker, worker_lock_key
 
 NAMESPACE = "direct"
 ONE = WorkflowDefinition(NAMESPACE, "one", [TaskDefinition("work")])
@@ -215,7 +215,7 @@ def test_a_grant_told_while_the_worker_was_not_listening_runs_once_its_listener_
     # The grant's notification is lost (nobody listens on the worker's channel yet): the worker finds
     # the lease it holds when its listener connects, instead of leaving it to lapse.
     worker_id = uuid.uuid4()
-    lock_key = int.from_bytes(worker_id.bytes[:8], "big", signed=True)
+    lock_key = worker_lock_key(worker_id)
     ran = threading.Event()
     with psycopg.connect(dsn, autocommit=True) as stand_in:
         stand_in.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
@@ -253,7 +253,7 @@ def _grants_of(workflows: WorkflowCoordinator, instance_id: UUID) -> list[Any]:
 
 def _lock_held(dsn: str, worker_id: UUID) -> bool:
     """Tell whether some session holds the advisory lock of ``worker_id``'s listener."""
-    key = int.from_bytes(worker_id.bytes[:8], "big")  # unsigned: pg_locks splits it into two oids
+    key = worker_lock_key(worker_id) % 2**64  # unsigned: pg_locks splits it into two oids
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1"
@@ -262,3 +262,77 @@ def _lock_held(dsn: str, worker_id: UUID) -> bool:
         ).fetchone()
     assert row is not None
     return bool(row[0])
+
+
+def test_a_grant_is_handed_out_once_however_often_it_is_found(
+    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator
+) -> None:
+    # Told on the channel, then found again by adopting (the listener reconnects, the refresh): a
+    # lease this worker holds and already runs is not handed out a second time under the same fence.
+    release = threading.Event()
+    runs: list[UUID] = []
+
+    def hold(ctx: TaskContext) -> None:
+        runs.append(ctx.execution.execution_id)
+        assert release.wait(30)
+
+    worker = Worker(pool, {"work": hold}, namespace=NAMESPACE, concurrency=2, config=engine_config)
+    with worker:
+        wait_for("the worker to wait", lambda: waiting(pool, engine_config).get(worker.worker_id) == 2)
+        instance_id = start(workflows, "found-twice")
+        wait_for("the handler to start", lambda: len(runs) == 1)
+        handlers = worker._handlers
+        assert handlers is not None
+        worker._adopt.set()
+        worker._take_grants(handlers)  # finds the lease it holds: RUNNING, fence 1, unexpired
+        release.set()
+        wait_for("the workflow to complete", lambda: finished(workflows, instance_id))
+    assert runs == [execution_of(pool, engine_config, instance_id)["execution_id"]]
+    assert (worker.stats.direct, worker.stats.started) == (1, 1)
+
+
+def test_a_stray_notification_on_a_workers_channel_does_not_stop_its_listener(
+    dsn: str, pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator
+) -> None:
+    worker = Worker(
+        pool, {"work": lambda ctx: None}, namespace=NAMESPACE, concurrency=1, config=engine_config
+    )
+    with worker:
+        wait_for("the worker to wait", lambda: waiting(pool, engine_config).get(worker.worker_id) == 1)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_notify(%s, 'not an execution id')",
+                (f"orchestrator_worker_{worker.worker_id.hex}",),
+            )
+        instance_id = start(workflows, "after-stray")
+        wait_for("the workflow to complete", lambda: finished(workflows, instance_id))
+    assert worker.stats.direct == 1
+
+
+def test_adopting_takes_only_what_a_start_granted_not_a_polled_lease_nobody_runs(
+    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator
+) -> None:
+    # A poll whose response was lost leaves a lease held under this worker's id that nobody runs: it
+    # must lapse and be reclaimed under a new fence, not be run by the worker that adopts grants.
+    worker_id = uuid.uuid4()
+    instance_id = start(workflows, "polled-then-lost")
+    (lost,) = TaskCoordinator(pool, engine_config).poll_tasks(worker_id, task_types=["work"])
+    ran = threading.Event()
+    worker = Worker(
+        pool,
+        {"work": lambda ctx: ran.set()},
+        namespace=NAMESPACE,
+        concurrency=1,
+        config=engine_config,
+        worker_id=worker_id,
+    )
+    with worker:
+        wait_for("the worker to wait", lambda: worker_id in waiting(pool, engine_config))
+        handlers = worker._handlers
+        assert handlers is not None
+        worker._adopt.set()
+        worker._take_grants(handlers)
+    assert not ran.is_set()
+    assert worker.stats.started == 0
+    row = execution_of(pool, engine_config, instance_id)
+    assert (row["state"], row["lease_holder"], row["fence_token"]) == ("RUNNING", worker_id, lost.fence_token)

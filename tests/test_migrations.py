@@ -271,7 +271,8 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
     # this engine's start names 0007's table (it may lease the task to an idle worker): a stand-in
     # lets it run here, and with no worker waiting it writes the rows 0001's start wrote
     stand_in = "CREATE TABLE upgraded.waiting_workers (worker_id uuid, namespace text, task_types text[],"
-    stand_in += " free integer, lease_duration interval, lock_key bigint, channel text, seen_at timestamptz)"
+    stand_in += " free integer, granted bigint, lease_duration interval, lock_key bigint, channel text,"
+    stand_in += " seen_at timestamptz)"
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute(stand_in)
     definition = WorkflowDefinition("ns", "wf", [TaskDefinition("t", task_type="work")])

@@ -204,7 +204,10 @@ class WorkflowCoordinator:
                 # in a host's transaction a lease would tick before the host commits, and a start that
                 # does not notify itself could not tell the worker: those leave the task to a poll. So
                 # do batches: only a start of one workflow can make exactly one task ready
-                direct=channel is not None and not in_transaction and len(batch.instances) == 1,
+                direct=channel is not None
+                and not in_transaction
+                and len(batch.instances) == 1
+                and self._engine.config.direct_dispatch,
             )
             if not rows[0]["stale"]:
                 break
@@ -468,7 +471,7 @@ class _StartBatch:
                 continue  # the row of NULLs: nothing was started
             request, workflow_input, version, sequence_number = self._meta[str(row["instance_id"])]
             # a task leased in the start (direct dispatch, one instance only) added its TASK_STARTED
-            sequence_number += row["granted"]
+            sequence_number += row.get("granted", 0)
             out[(request.namespace, request.workflow_name, request.run_id)] = WorkflowInstance(
                 instance_id=row["instance_id"],
                 namespace=request.namespace,

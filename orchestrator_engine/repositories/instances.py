@@ -25,8 +25,12 @@ class InstanceRepository(Repository):
 
         ``direct``: lease a lone ready task to an idle worker in this statement (direct dispatch).
         """
-        params = self.start_parameters(instances, plan_texts, channel, direct)
-        return self._all(conn, "workflow_start_many", params)
+        if not direct:
+            return self._all(
+                conn, "workflow_start_many", self.start_parameters(instances, plan_texts, channel)
+            )
+        instances = [{**instances[0], "direct": True}, *instances[1:]]
+        return self._all(conn, "workflow_start_direct", self.start_parameters(instances, plan_texts, channel))
 
     def announce(self, conn: psycopg.Connection[Any], channel: str, namespaces: list[str]) -> None:
         """Wake idle workers of ``namespaces``; send it in a transaction of its own (``Engine.single``)."""
@@ -34,14 +38,13 @@ class InstanceRepository(Repository):
 
     @staticmethod
     def start_parameters(
-        instances: list[dict[str, Any]], plan_texts: list[str], channel: str | None, direct: bool = False
+        instances: list[dict[str, Any]], plan_texts: list[str], channel: str | None
     ) -> dict[str, Any]:
         """Return workflow_start_many's parameters (the benchmark explains the statement with them)."""
         return {
             "instances": json.dumps(instances),
             "plans": "[" + ",".join(plan_texts) + "]",
             "channel": channel,
-            "direct": direct,
         }
 
     def workflow_get(self, conn: psycopg.Connection[Any], instance_id: UUID) -> Row | None:

@@ -68,10 +68,85 @@ SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS
 -- caller plans it again on the latest versions it reads now. The check runs in this statement's
 -- snapshot, so every start uses the version that was the latest when it was written.
 -- Unless channel is NULL, each namespace that got a new instance is announced on it (pg_notify,
--- delivered at commit) to wake idle workers.
--- Direct dispatch (migration 0007), when `direct` is true (a start outside a host transaction that
--- notifies itself) and the batch makes exactly one task ready: a slot of a live idle worker that
--- takes that task is claimed (its listener connection holds lock_key, so this transaction cannot take
+-- delivered at commit) to wake idle workers. Always returns a row: the started instances' ids and
+-- timestamps (the caller knows the rest), or one row of NULLs that carries the counts.
+WITH requested AS (
+    SELECT * FROM jsonb_to_recordset(%(instances)s::jsonb) AS r(
+        instance_id uuid, namespace text, workflow_name text, workflow_version integer, run_id text,
+        input jsonb, ord integer, latest boolean, plan integer, execution_ids uuid[])
+), plans AS (
+    SELECT p.n - 1 AS plan, (p.value ->> 'sequence_number')::bigint AS sequence_number,
+           (p.value ->> 'pending_tasks')::integer AS pending_tasks, p.value -> 'tasks' AS tasks
+    FROM jsonb_array_elements(%(plans)s::jsonb) WITH ORDINALITY AS p(value, n)
+), stale AS (
+    -- once per workflow, not per instance: a batch usually starts many runs of one workflow
+    SELECT 1
+    FROM (SELECT DISTINCT q.namespace, q.workflow_name, q.workflow_version FROM requested q WHERE q.latest) l
+    WHERE l.workflow_version IS DISTINCT FROM (
+        SELECT max(d.version) FROM {schema}.workflow_definitions d
+        WHERE d.namespace = l.namespace AND d.name = l.workflow_name)
+), started AS (
+    INSERT INTO {schema}.workflow_instances
+        (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
+         pending_tasks)
+    SELECT q.instance_id, q.namespace, q.workflow_name, q.workflow_version, q.run_id, 'RUNNING', q.input,
+           p.sequence_number, p.pending_tasks
+    FROM requested q JOIN plans p ON p.plan = q.plan
+    WHERE NOT EXISTS (SELECT FROM stale)
+    ORDER BY q.ord
+    ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
+    RETURNING instance_id, namespace, workflow_version, run_id, input, created_at, updated_at
+), planned AS (
+    SELECT s.instance_id, s.namespace, s.input, q.execution_ids[t.n] AS execution_id, t.*
+    FROM started s
+    JOIN requested q ON q.instance_id = s.instance_id
+    JOIN plans p ON p.plan = q.plan
+    CROSS JOIN LATERAL jsonb_to_recordset(p.tasks) AS t(
+        n integer, task_id text, task_type text, max_attempts integer, depends_on text[], timeout_ms bigint,
+        seq bigint)
+), tasks AS (
+    INSERT INTO {schema}.task_executions
+        (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,
+         attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at)
+    SELECT t.execution_id, t.instance_id, t.namespace, t.task_id, t.task_type, 'FORWARD',
+           t.instance_id || ':' || t.task_id || ':1', 1, 0, t.max_attempts,
+           CASE WHEN t.seq IS NULL THEN 'PENDING' ELSE 'READY' END, t.depends_on, cardinality(t.depends_on),
+           CASE WHEN t.seq IS NOT NULL
+                THEN jsonb_build_object('workflow', t.input, 'dependencies', jsonb_build_object()) END,
+           make_interval(secs => t.timeout_ms / 1000.0), CASE WHEN t.seq IS NOT NULL THEN now() END
+    FROM planned t
+    RETURNING 1
+), logged AS (
+    INSERT INTO {schema}.events
+        (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
+    SELECT gen_random_uuid(), s.instance_id, 1, 'WORKFLOW_STARTED',
+           jsonb_build_object('run_id', s.run_id, 'workflow_version', s.workflow_version),
+           s.instance_id || ':started'
+    FROM started s
+    UNION ALL
+    SELECT gen_random_uuid(), t.instance_id, t.seq, 'TASK_SCHEDULED',
+           jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
+           t.instance_id || ':scheduled:' || t.execution_id || ':0'
+    FROM planned t
+    WHERE t.seq IS NOT NULL
+    RETURNING 1
+), woken AS (
+    SELECT pg_notify(%(channel)s::text, n.namespace)
+    FROM (SELECT DISTINCT s.namespace FROM started s) AS n
+    WHERE %(channel)s::text IS NOT NULL
+)
+SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM tasks) AS tasks_written,
+       (SELECT count(*) FROM logged) AS events_written, (SELECT count(*) FROM woken) AS notified,
+       (SELECT count(*) FROM stale) AS stale
+FROM (SELECT) AS one_row LEFT JOIN started s ON true
+
+-- name: workflow_start_direct
+-- workflow_start_many for a start of one workflow outside a host transaction that notifies itself,
+-- with direct dispatch (migration 0007) added; see workflow_start_many for the rest. A statement of
+-- its own, so that the starts that cannot be dispatched (batches, starts in a host's transaction,
+-- those that leave their notification to the announcer) do not pay for it.
+-- When the instance asks for it (`direct`) and makes exactly one task ready, a slot of a live idle
+-- worker that takes that task is claimed (its listener connection holds lock_key, so this transaction cannot take
 -- that lock; SKIP LOCKED, so starts never wait for each other here), the task is inserted leased to
 -- it (RUNNING, fence token 1, its lease row, a TASK_STARTED event after the TASK_SCHEDULED, the
 -- instance's sequence one further), and the worker is told the execution id on its own channel
@@ -82,7 +157,7 @@ SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM notified) AS
 WITH requested AS (
     SELECT * FROM jsonb_to_recordset(%(instances)s::jsonb) AS r(
         instance_id uuid, namespace text, workflow_name text, workflow_version integer, run_id text,
-        input jsonb, ord integer, latest boolean, plan integer, execution_ids uuid[])
+        input jsonb, ord integer, latest boolean, plan integer, execution_ids uuid[], direct boolean)
 ), plans AS (
     SELECT p.n - 1 AS plan, (p.value ->> 'sequence_number')::bigint AS sequence_number,
            (p.value ->> 'pending_tasks')::integer AS pending_tasks, p.value -> 'tasks' AS tasks
@@ -99,7 +174,13 @@ WITH requested AS (
     FROM requested q
     JOIN plans p ON p.plan = q.plan
     CROSS JOIN LATERAL jsonb_to_recordset(p.tasks) AS t(task_type text, seq bigint)
-    WHERE %(direct)s::boolean AND t.seq IS NOT NULL AND NOT EXISTS (SELECT FROM stale)
+    -- asked for in the data, not by a parameter: a parameter the planner could fold would make every
+    -- custom plan look far cheaper than the generic one, and the statement would be planned anew on
+    -- every call
+    WHERE q.direct IS TRUE AND t.seq IS NOT NULL
+      -- one-time checks first: a start with nobody waiting (or of several workflows) probes nothing
+      AND EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0)
+      AND (SELECT count(*) FROM requested) = 1 AND NOT EXISTS (SELECT FROM stale)
       -- a probe of uk_idempotency per requested row: a scalar subquery is never made a join (which
       -- the planner, costing jsonb_to_recordset at 100 rows, would run as a scan of every instance)
       AND (SELECT count(*) FROM (
@@ -108,15 +189,19 @@ WITH requested AS (
               LIMIT 1) e) = 0
 ), claimed AS (
     UPDATE {schema}.waiting_workers w
-    SET free = w.free - 1
+    SET free = w.free - 1, granted = w.granted + 1
     WHERE w.worker_id = (
         SELECT x.worker_id
         FROM {schema}.waiting_workers x, direct d
         WHERE (SELECT count(*) FROM direct) = 1
-          AND x.free > 0 AND x.seen_at > now() - interval '10 seconds'
-          AND (x.namespace IS NULL OR x.namespace = d.namespace)
-          AND d.task_type = ANY(x.task_types)
-          AND NOT pg_try_advisory_xact_lock_shared(x.lock_key)
+          -- alive: its listener holds lock_key, so it cannot be taken even shared (taken, it is let
+          -- go at once). CASE, so only a row that passes the other tests is tried
+          AND CASE WHEN x.free > 0 AND x.seen_at > now() - interval '10 seconds'
+                        AND (x.namespace IS NULL OR x.namespace = d.namespace)
+                        AND d.task_type = ANY(x.task_types)
+                   THEN NOT (pg_try_advisory_lock_shared(x.lock_key)
+                             AND pg_advisory_unlock_shared(x.lock_key))
+                   ELSE false END
         LIMIT 1
         FOR UPDATE OF x SKIP LOCKED)
     RETURNING w.worker_id, w.lease_duration, w.channel
