@@ -174,9 +174,8 @@ WITH requested AS (
     FROM requested q
     JOIN plans p ON p.plan = q.plan
     CROSS JOIN LATERAL jsonb_to_recordset(p.tasks) AS t(task_type text, seq bigint)
-    -- asked for in the data, not by a parameter: a parameter the planner could fold would make every
-    -- custom plan look far cheaper than the generic one, and the statement would be planned anew on
-    -- every call
+    -- asked for in the data, not by a parameter: custom plans could fold a parameter and look far
+    -- cheaper than the generic plan, and the statement would then be planned anew on every call
     WHERE q.direct IS TRUE AND t.seq IS NOT NULL
       -- one-time checks first: a start with nobody waiting (or of several workflows) probes nothing
       AND EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0)
