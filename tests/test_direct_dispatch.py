@@ -231,20 +231,25 @@ def test_a_grant_told_while_the_worker_was_not_listening_runs_once_its_listener_
         )
         instance_id = start(workflows, "lost-note")
         assert execution_of(pool, engine_config, instance_id)["lease_holder"] == worker_id
-    worker = Worker(
-        pool,
-        {"work": lambda ctx: ran.set()},
-        namespace=NAMESPACE,
-        concurrency=1,
-        config=engine_config,
-        worker_id=worker_id,
-    )
+    worker = flagging_worker(pool, engine_config, worker_id, ran)
     with worker:
         wait_for("the workflow to complete", lambda: finished(workflows, instance_id))
     assert ran.is_set()
     assert (worker.stats.direct, worker.stats.started) == (1, 1)
     task = workflows.list_tasks(instance_id)[0]
     assert (task.state, task.fence_token) == (TaskState.COMPLETED, 1)
+
+
+def flagging_worker(pool: Pool, config: EngineConfig, worker_id: UUID, ran: threading.Event) -> Worker:
+    """A worker with this id whose one handler slot sets ``ran``."""
+    return Worker(
+        pool,
+        {"work": lambda ctx: ran.set()},
+        namespace=NAMESPACE,
+        concurrency=1,
+        config=config,
+        worker_id=worker_id,
+    )
 
 
 def _grants_of(workflows: WorkflowCoordinator, instance_id: UUID) -> list[Any]:
@@ -318,14 +323,7 @@ def test_adopting_takes_only_what_a_start_granted_not_a_polled_lease_nobody_runs
     instance_id = start(workflows, "polled-then-lost")
     (lost,) = TaskCoordinator(pool, engine_config).poll_tasks(worker_id, task_types=["work"])
     ran = threading.Event()
-    worker = Worker(
-        pool,
-        {"work": lambda ctx: ran.set()},
-        namespace=NAMESPACE,
-        concurrency=1,
-        config=engine_config,
-        worker_id=worker_id,
-    )
+    worker = flagging_worker(pool, engine_config, worker_id, ran)
     with worker:
         wait_for("the worker to wait", lambda: worker_id in waiting(pool, engine_config))
         handlers = worker._handlers
