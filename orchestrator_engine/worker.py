@@ -425,7 +425,7 @@ class Worker:
             forget = time.monotonic() - 2 * self.config.lease_duration.total_seconds()
             with self._inflight_lock:
                 for eid, at in list(self._direct_seen.items()):
-                    if at < forget:
+                    if at < forget and eid not in self._inflight:  # a long task's lease is renewed
                         del self._direct_seen[eid]
         repos = self.tasks.engine.repos
         try:
@@ -548,7 +548,7 @@ class Worker:
             with self._inflight_lock:
                 self._busy -= 1
                 if not queued:
-                    self._inflight.pop(execution.execution_id, None)
+                    self._forget(execution.execution_id)
             self._nudge()
 
     def _execute_in_span(self, ctx: TaskContext) -> bool:
@@ -576,8 +576,16 @@ class Worker:
     def _finished(self, ctx: TaskContext) -> None:
         """Forget an execution whose outcome is recorded (or dropped); its slot in the pipeline frees."""
         with self._inflight_lock:
-            self._inflight.pop(ctx.execution.execution_id, None)
+            self._forget(ctx.execution.execution_id)
         self._nudge()
+
+    def _forget(self, execution_id: UUID) -> None:
+        """Drop an execution from the in-flight set (hold the lock). A direct grant stays known for two
+        lease durations from now: its lease, if its result was dropped, lapses before adopting could
+        hand it out again under the same fence."""
+        self._inflight.pop(execution_id, None)
+        if execution_id in self._direct_seen:
+            self._direct_seen[execution_id] = time.monotonic()
 
     def _nudge(self) -> None:
         """Wake the poll loop after freeing a slot, unless a wake-up is already pending.

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -334,3 +336,34 @@ def test_adopting_takes_only_what_a_start_granted_not_a_polled_lease_nobody_runs
     assert worker.stats.started == 0
     row = execution_of(pool, engine_config, instance_id)
     assert (row["state"], row["lease_holder"], row["fence_token"]) == ("RUNNING", worker_id, lost.fence_token)
+
+
+def test_a_direct_grant_that_runs_past_two_leases_is_not_adopted_again(
+    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator
+) -> None:
+    # The worker forgets the grants it has handed out after two lease durations, but not while one
+    # still runs (its lease is renewed, so adopting would find it held and unexpired).
+    config = replace(
+        engine_config, lease_duration=timedelta(seconds=1), renewal_interval=timedelta(seconds=0.3)
+    )
+    release = threading.Event()
+    runs: list[UUID] = []
+
+    def hold(ctx: TaskContext) -> None:
+        runs.append(ctx.execution.execution_id)
+        assert release.wait(30)
+
+    worker = Worker(pool, {"work": hold}, namespace=NAMESPACE, concurrency=2, config=config)
+    with worker:
+        wait_for("the worker to wait", lambda: waiting(pool, engine_config).get(worker.worker_id) == 2)
+        instance_id = start(workflows, "long-grant")
+        wait_for("the handler to start", lambda: len(runs) == 1)
+        time.sleep(2.5)  # past two lease durations, renewed meanwhile
+        handlers = worker._handlers
+        assert handlers is not None
+        worker._adopt.set()
+        worker._take_grants(handlers)
+        release.set()
+        wait_for("the workflow to complete", lambda: finished(workflows, instance_id))
+    assert len(runs) == 1
+    assert (worker.stats.direct, worker.stats.started) == (1, 1)
