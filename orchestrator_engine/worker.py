@@ -10,7 +10,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -198,11 +197,9 @@ class Worker:
         #: direct grants handed out in this run (id -> when): each is handed out once, however it is
         #: found (told, adopted); forgotten once its lease would have lapsed
         self._direct_seen: dict[UUID, float] = {}
-        #: direct grants handed out in this run, and whether the row was written in this run yet
-        self._grants_seen = 0
+        #: whether this run has written its waiting_workers row yet (the grants it has seen since are
+        #: stats.direct)
         self._waited = False
-        #: execution ids a start said it leased to this worker, not handed out yet
-        self._grants: deque[UUID] = deque()
         #: set while the listener holds the lock (starts may take this worker); cleared when it drops
         self._listening = threading.Event()
         #: look for leases held but not known (grants whose notification was lost) on the next round
@@ -245,7 +242,8 @@ class Worker:
             self._stopping.set()
             self._drain(self._shutdown_timeout)
             with self._inflight_lock:
-                self._handlers = None  # a grant the listener reads from now on is left to lapse
+                self._handlers = None  # a grant the listener reads from now on is left to lapse (one
+                # it checked just before is queued behind the threads' ends and lapses too)
             handlers.close()
             self._completer.close()
             completer.join(timeout=5)
@@ -345,7 +343,7 @@ class Worker:
         while not self._stopping.is_set():
             # cleared before the slots are counted: a slot freed from here on sets it again (_nudge)
             self._wake.clear()
-            if self._grants or self._adopt.is_set():
+            if self._adopt.is_set():
                 self._take_grants(handlers)
             free = self._free_slots()
             if free <= 0:
@@ -394,7 +392,6 @@ class Worker:
                 if execution.execution_id in self._direct_seen or self._handlers is not handlers:
                     return  # told on the channel and found by adopting too; or the worker has stopped
                 self._direct_seen[execution.execution_id] = time.monotonic()
-                self._grants_seen += 1
                 self.stats.direct += 1
                 if self._waiting:
                     self._waiting -= 1  # the start took one of the slots the row offered
@@ -402,8 +399,7 @@ class Worker:
             self._busy += 1
             busy = self._busy
             self.stats.started += 1
-            # under the lock: run() drops the handlers under it too, so none is queued after that
-            handlers.submit(ctx, busy)
+        handlers.submit(ctx, busy)
         telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
         if execution.ready_at is not None and execution.started_at is not None:
             latency = (execution.started_at - execution.ready_at).total_seconds()
@@ -415,31 +411,24 @@ class Worker:
     # -- direct dispatch -------------------------------------------------------------------------
 
     def _take_grants(self, handlers: _HandlerThreads) -> None:
-        """Hand out the tasks starts leased to this worker (told on its channel, or found by adopting)."""
-        ids: list[UUID] = []
-        while self._grants:
-            ids.append(self._grants.popleft())
-        adopt = self._adopt.is_set()
+        """Adopt: hand out the tasks starts leased to this worker that it was not told of (or not yet)."""
         self._adopt.clear()
-        if adopt:
-            forget = time.monotonic() - 2 * self.config.lease_duration.total_seconds()
-            with self._inflight_lock:
-                for eid, at in list(self._direct_seen.items()):
-                    if at < forget and eid not in self._inflight:  # a long task's lease is renewed
-                        del self._direct_seen[eid]
+        forget = time.monotonic() - 2 * self.config.lease_duration.total_seconds()
+        with self._inflight_lock:
+            for eid, at in list(self._direct_seen.items()):
+                if at < forget and eid not in self._inflight:  # a long task's lease is renewed
+                    del self._direct_seen[eid]
         repos = self.tasks.engine.repos
         try:
             with self.tasks.engine.single() as c:
-                if adopt:
-                    # a grant told while the listener was away: its lease is held, nobody else runs it
-                    ids.extend(repos.workers.worker_held(c, self.worker_id))
+                # a grant told while the listener was away: its lease is held, nobody else runs it
+                held = repos.workers.worker_held(c, self.worker_id)
                 with self._inflight_lock:
-                    ids = [i for i in dict.fromkeys(ids) if i not in self._direct_seen]
+                    ids = [i for i in held if i not in self._direct_seen]
                 rows = repos.workers.worker_granted(c, self.worker_id, ids) if ids else []
         except (psycopg.Error, OrchestratorError) as exc:
             # looked for again on the next round; a lease nobody runs lapses and is reclaimed
             log.warning("worker %s could not read its granted tasks (%s)", self.worker_id, type(exc).__name__)
-            self._grants.extend(ids)
             self._adopt.set()
             self._stopping.wait(0.05)
             return
@@ -460,13 +449,9 @@ class Worker:
         """On the listener's thread and connection, awake from delivering the notification: read the
         granted execution and hand it out at once (the poll loop stays out of the task's path)."""
         handlers = self._handlers
-        if handlers is None:
-            self._grants.append(execution_id)  # the poll loop takes it
-            self._wake.set()
-            return
         with self._inflight_lock:
-            if execution_id in self._direct_seen:
-                return
+            if handlers is None or execution_id in self._direct_seen:
+                return  # stopped (the lease lapses), or handed out already
         # a failure here drops the listener's connection: it reconnects and adopts what it holds
         for row in self.tasks.engine.repos.workers.worker_granted(conn, self.worker_id, [execution_id]):
             self._hand_out(execution_from_row(row), handlers, direct=True)
@@ -496,7 +481,7 @@ class Worker:
                     namespace=self.namespace,
                     task_types=types,
                     free=free,
-                    seen=self._grants_seen,
+                    seen=self.stats.direct,
                     fresh=not self._waited,
                     lease=self.config.lease_duration,
                     lock_key=self._lock_key,
