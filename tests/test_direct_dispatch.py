@@ -271,11 +271,11 @@ def _lock_held(dsn: str, worker_id: UUID) -> bool:
     return bool(row[0])
 
 
-def test_a_grant_is_handed_out_once_however_often_it_is_found(
-    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator
-) -> None:
-    # Told on the channel, then found again by adopting (the listener reconnects, the refresh): a
-    # lease this worker holds and already runs is not handed out a second time under the same fence.
+def adopt_while_running(
+    pool: Pool, config: EngineConfig, workflows: WorkflowCoordinator, run_id: str, after: float
+) -> tuple[Worker, UUID, list[UUID]]:
+    """Start a workflow its idle worker gets directly; ``after`` seconds into its handler, have the
+    worker adopt what it holds; return the worker, the instance and the executions its handler ran."""
     release = threading.Event()
     runs: list[UUID] = []
 
@@ -283,17 +283,26 @@ def test_a_grant_is_handed_out_once_however_often_it_is_found(
         runs.append(ctx.execution.execution_id)
         assert release.wait(30)
 
-    worker = Worker(pool, {"work": hold}, namespace=NAMESPACE, concurrency=2, config=engine_config)
+    worker = Worker(pool, {"work": hold}, namespace=NAMESPACE, concurrency=2, config=config)
     with worker:
-        wait_for("the worker to wait", lambda: waiting(pool, engine_config).get(worker.worker_id) == 2)
-        instance_id = start(workflows, "found-twice")
+        wait_for("the worker to wait", lambda: waiting(pool, config).get(worker.worker_id) == 2)
+        instance_id = start(workflows, run_id)
         wait_for("the handler to start", lambda: len(runs) == 1)
+        time.sleep(after)
         handlers = worker._handlers
         assert handlers is not None
-        worker._adopt.set()
         worker._take_grants(handlers)  # finds the lease it holds: RUNNING, fence 1, unexpired
         release.set()
         wait_for("the workflow to complete", lambda: finished(workflows, instance_id))
+    return worker, instance_id, runs
+
+
+def test_a_grant_is_handed_out_once_however_often_it_is_found(
+    pool: Pool, engine_config: EngineConfig, workflows: WorkflowCoordinator
+) -> None:
+    # Told on the channel, then found again by adopting (the listener reconnects, the refresh): a
+    # lease this worker holds and already runs is not handed out a second time under the same fence.
+    worker, instance_id, runs = adopt_while_running(pool, engine_config, workflows, "found-twice", after=0)
     assert runs == [execution_of(pool, engine_config, instance_id)["execution_id"]]
     assert (worker.stats.direct, worker.stats.started) == (1, 1)
 
@@ -330,7 +339,6 @@ def test_adopting_takes_only_what_a_start_granted_not_a_polled_lease_nobody_runs
         wait_for("the worker to wait", lambda: worker_id in waiting(pool, engine_config))
         handlers = worker._handlers
         assert handlers is not None
-        worker._adopt.set()
         worker._take_grants(handlers)
     assert not ran.is_set()
     assert worker.stats.started == 0
@@ -346,24 +354,7 @@ def test_a_direct_grant_that_runs_past_two_leases_is_not_adopted_again(
     config = replace(
         engine_config, lease_duration=timedelta(seconds=1), renewal_interval=timedelta(seconds=0.3)
     )
-    release = threading.Event()
-    runs: list[UUID] = []
-
-    def hold(ctx: TaskContext) -> None:
-        runs.append(ctx.execution.execution_id)
-        assert release.wait(30)
-
-    worker = Worker(pool, {"work": hold}, namespace=NAMESPACE, concurrency=2, config=config)
-    with worker:
-        wait_for("the worker to wait", lambda: waiting(pool, engine_config).get(worker.worker_id) == 2)
-        instance_id = start(workflows, "long-grant")
-        wait_for("the handler to start", lambda: len(runs) == 1)
-        time.sleep(2.5)  # past two lease durations, renewed meanwhile
-        handlers = worker._handlers
-        assert handlers is not None
-        worker._adopt.set()
-        worker._take_grants(handlers)
-        release.set()
-        wait_for("the workflow to complete", lambda: finished(workflows, instance_id))
+    # past two lease durations, renewed meanwhile
+    worker, _, runs = adopt_while_running(pool, config, workflows, "long-grant", after=2.5)
     assert len(runs) == 1
     assert (worker.stats.direct, worker.stats.started) == (1, 1)

@@ -86,10 +86,6 @@ def _tuned(
     )
 
 
-def _wait_for(what: str, condition: Callable[[], bool], timeout: float = SETTLE) -> None:
-    wait_for(what, condition, timeout)
-
-
 # -- reading the engine's tables ----------------------------------------------------------------------
 
 
@@ -208,7 +204,7 @@ def _wait_until_finished(workflows: WorkflowCoordinator, instance_id: UUID) -> W
         state = workflows.get_workflow(instance_id).state
         return state in (WorkflowState.COMPLETED, WorkflowState.FAILED)
 
-    _wait_for(f"workflow {instance_id} to finish", finished)
+    wait_for(f"workflow {instance_id} to finish", finished)
     return state
 
 
@@ -226,7 +222,7 @@ def _starved(pool: Pool) -> Iterator[None]:
 def _steal_lease(worker_pool: Pool, thief: TaskCoordinator, thief_id: UUID, task_type: str) -> TaskExecution:
     """Starve the worker's pool until its lease lapses, then lease the task to ``thief_id``."""
     with _starved(worker_pool):
-        _wait_for("the lease to lapse", lambda: thief.reclaim_expired_leases() == 1)
+        wait_for("the lease to lapse", lambda: thief.reclaim_expired_leases() == 1)
         (stolen,) = thief.poll_tasks(thief_id, task_types=[task_type])
     return stolen
 
@@ -250,7 +246,7 @@ def test_worker_drains_300_workflows_completing_every_task_exactly_once(
 
     began = time.monotonic()
     with Worker(pool, {"step": step}, concurrency=4, config=engine_config) as worker:
-        _wait_for("300 workflows to complete", lambda: tables.all_completed(300))
+        wait_for("300 workflows to complete", lambda: tables.all_completed(300))
         elapsed = time.monotonic() - began
     print(f"\n300 two-step workflows drained in {elapsed:.2f}s ({600 / elapsed:.0f} tasks/s, concurrency 4)")
 
@@ -281,7 +277,7 @@ def test_sigterm_lets_running_handlers_finish_and_report_before_the_process_exit
 
     options = ["--task-type", "slow", "--sleep", "0.5", "--concurrency", "4", "--poll", "0.2"]
     with worker_process(dsn, tmp_path, *options, "--shutdown-timeout", str(shutdown_timeout)) as worker:
-        _wait_for("the worker process to start a handler", lambda: run_log.count(worker.pid) >= 1)
+        wait_for("the worker process to start a handler", lambda: run_log.count(worker.pid) >= 1)
         worker.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         # exiting at all within the shutdown timeout is the property; how fast it was is only printed
@@ -303,7 +299,7 @@ def test_sigterm_lets_running_handlers_finish_and_report_before_the_process_exit
         return "finished by the second worker"
 
     with Worker(pool, {"slow": finish}, config=engine_config):
-        _wait_for("the other worker to finish the rest", lambda: tables.all_completed(16))
+        wait_for("the other worker to finish the rest", lambda: tables.all_completed(16))
     runs = run_log.pids_by_execution()
     assert len(runs) == 16
     assert all(len(pids) == 1 for pids in runs.values())  # a graceful stop re-runs nothing
@@ -327,7 +323,7 @@ def test_a_handler_past_the_shutdown_timeout_is_abandoned_and_its_task_runs_agai
     (instance,) = _start(workflows, "stuck", 1)
     options = ["--task-type", "stuck", "--sleep", "120", "--lease", "2", "--renewal", "0.5", "--poll", "0.2"]
     with worker_process(dsn, tmp_path, *options, "--shutdown-timeout", "1") as worker:
-        _wait_for("the worker process to start the handler", lambda: run_log.count(worker.pid) >= 1)
+        wait_for("the worker process to start the handler", lambda: run_log.count(worker.pid) >= 1)
         first_token = tables.executions()[0]["fence_token"]
         worker.proc.send_signal(signal.SIGTERM)
         # far less than the handler's 120 s: the process must not wait for it
@@ -365,7 +361,7 @@ def test_sigkill_mid_run_loses_no_task_and_reruns_only_the_tasks_the_dead_worker
 
     with worker_process(dsn, tmp_path, "--task-type", "step", "--sleep", "1.0", *short_leases) as dead:
         # its first poll leases four tasks; their handlers sleep 1s, so it dies holding all four
-        _wait_for("the worker process to start four handlers", lambda: run_log.count(dead.pid) >= 4)
+        wait_for("the worker process to start four handlers", lambda: run_log.count(dead.pid) >= 4)
         dead.proc.send_signal(signal.SIGKILL)
         dead.proc.wait()
     orphaned = {
@@ -381,7 +377,7 @@ def test_sigkill_mid_run_loses_no_task_and_reruns_only_the_tasks_the_dead_worker
 
     survivor_config = _tuned(engine_config, lease=1.0, renewal=0.3, poll=0.2)
     with Worker(pool, {"step": step}, concurrency=4, config=survivor_config) as survivor:
-        _wait_for("the surviving worker to finish every workflow", lambda: tables.all_completed(8))
+        wait_for("the surviving worker to finish every workflow", lambda: tables.all_completed(8))
 
     per_task = tables.completed_executions_per_task()
     assert len(per_task) == 16
@@ -436,7 +432,7 @@ def test_heartbeat_keeps_a_handler_three_times_longer_than_its_lease(
             reclaimed += janitor.reclaim_expired_leases()
             return workflows.get_workflow(instance.instance_id).state is WorkflowState.COMPLETED
 
-        _wait_for("the long task to complete", finished)
+        wait_for("the long task to complete", finished)
 
     (execution,) = workflows.list_tasks(instance.instance_id)
     assert (execution.state, execution.attempt_number, execution.fence_token) == (TaskState.COMPLETED, 1, 1)
@@ -475,7 +471,7 @@ def test_handler_whose_lease_is_taken_over_sees_lease_lost_and_its_result_is_dro
             assert started.wait(SETTLE)
             stolen = _steal_lease(worker_pool, thief, thief_id, "contested")
             # the stalled renewal now reaches the database and finds the lease gone
-            _wait_for("the stale result to be dropped", lambda: worker.stats.dropped == 1)
+            wait_for("the stale result to be dropped", lambda: worker.stats.dropped == 1)
         finally:
             test_over.set()
         thief.complete_task(stolen.execution_id, thief_id, stolen.fence_token, "from the thief")
@@ -572,7 +568,7 @@ def test_effect_of_a_handler_whose_fence_went_stale_is_rolled_back_with_its_resu
             stolen = _steal_lease(worker_pool, thief, thief_id, "pay")
         finally:
             proceed.set()
-        _wait_for("the stale completion to be dropped", lambda: worker.stats.dropped == 1)
+        wait_for("the stale completion to be dropped", lambda: worker.stats.dropped == 1)
 
     assert outcome == ["lease lost"]
     assert effects() == []  # the stale attempt's INSERT rolled back with its completion
@@ -794,7 +790,7 @@ def test_notify_wakes_an_idle_worker_long_before_its_poll_interval(
     in_db: list[float] = []
 
     with Worker(pool, {"ping": lambda ctx: "pong"}, concurrency=1, config=config) as worker:
-        _wait_for("the worker to LISTEN", lambda: bool(tables.listener_pids()))
+        wait_for("the worker to LISTEN", lambda: bool(tables.listener_pids()))
         began = time.monotonic()
         for i in range(count):
             sent = time.monotonic()
@@ -824,12 +820,12 @@ def test_worker_reconnects_its_listener_after_the_backend_is_terminated(
     config = _tuned(engine_config, poll=5.0)
 
     with Worker(pool, {"ping": lambda ctx: "pong"}, concurrency=1, config=config) as worker:
-        _wait_for("the worker to LISTEN", lambda: bool(tables.listener_pids()))
+        wait_for("the worker to LISTEN", lambda: bool(tables.listener_pids()))
         (killed,) = tables.listener_pids()
         with pool.connection() as conn:
             conn.execute("SELECT pg_terminate_backend(%s)", (killed,))
-        _wait_for("the listener to reconnect", lambda: worker.stats.listener_reconnects >= 1)
-        _wait_for("a new LISTEN backend", lambda: bool(tables.listener_pids() - {killed}))
+        wait_for("the listener to reconnect", lambda: worker.stats.listener_reconnects >= 1)
+        wait_for("a new LISTEN backend", lambda: bool(tables.listener_pids() - {killed}))
 
         notified_before = worker.stats.notifications
         sent = time.monotonic()
@@ -885,4 +881,4 @@ def test_with_block_starts_the_worker_and_stops_it_on_exit(
         t.join(SETTLE)
     assert not [t.name for t in lingering if t.is_alive()]
     assert worker.running_count == 0
-    _wait_for("the worker's LISTEN connection to close", lambda: not tables.listener_pids())
+    wait_for("the worker's LISTEN connection to close", lambda: not tables.listener_pids())
