@@ -665,7 +665,10 @@ class Worker:
             try:
                 with psycopg.connect(self.config.dsn, autocommit=True, connect_timeout=5) as conn:
                     direct = self._direct and self._hold_lock(conn)
-                    conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+                    # the shared channel first: a listener seen LISTENing hears every wake-up; a grant
+                    # told before its own channel is listened to is adopted below
+                    for name in (channel, self._channel) if direct else (channel,):
+                        conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(name)))
                     if direct:
                         self._adopt.set()  # grants told while it was away are looked for next round
                         self._listening.set()
@@ -695,8 +698,7 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
 
     def _hold_lock(self, conn: psycopg.Connection[Any]) -> bool:
-        """Listen on this worker's own channel and hold its lock, which tells starts it is alive."""
-        conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel)))
+        """Take this worker's lock on the listener connection: held, it tells starts the worker lives."""
         workers = self.tasks.engine.repos.workers
         for _ in range(LOCK_TRIES):
             # a start that found this worker's previous connection gone holds it shared, briefly

@@ -826,6 +826,8 @@ def test_worker_reconnects_its_listener_after_the_backend_is_terminated(
             conn.execute("SELECT pg_terminate_backend(%s)", (killed,))
         wait_for("the listener to reconnect", lambda: worker.stats.listener_reconnects >= 1)
         wait_for("a new LISTEN backend", lambda: bool(tables.listener_pids() - {killed}))
+        # and listening on its own channel too (direct dispatch): a start's grant is told there
+        wait_for("the listener to listen on every channel", worker._listening.is_set)
 
         notified_before = worker.stats.notifications
         sent = time.monotonic()
