@@ -240,17 +240,26 @@ class TaskCoordinator:
 
         ``results`` holds ``(execution_id, fence_token, output)``. Each result is judged on its own:
         the answer maps each execution id to its completed TaskExecution, or to the FencingError or
-        PayloadError that refused it. The whole batch is a handful of statements whatever its size;
-        instances are locked in instance order, so concurrent batches cannot deadlock. A database error
+        PayloadError that refused it. A batch of forward tasks of running workflows is one statement
+        (one round trip) whatever its size; any other batch is three statements in one transaction.
+        Instances are locked in instance order, so concurrent batches cannot deadlock. A database error
         fails the whole batch; retrying it is safe.
         """
         outcome: dict[UUID, TaskExecution | OrchestratorError] = {}
         accepted = self._complete_batch(worker_id, results)
-        fetch = [eid for eid, v in accepted.items() if not isinstance(v, OrchestratorError)]
-        with self._engine.reading() as c:
-            full = {r["execution_id"]: r for r in self._engine.repos.executions.task_get_many(c, fetch)}
+        # the one-statement completion answers with whole rows; the general path with a few columns
+        fetch = [
+            eid for eid, v in accepted.items() if not isinstance(v, OrchestratorError) and "input" not in v
+        ]
+        full: dict[UUID, Row] = {}
+        if fetch:
+            with self._engine.reading() as c:
+                full = {r["execution_id"]: r for r in self._engine.repos.executions.task_get_many(c, fetch)}
         for eid, value in accepted.items():
-            outcome[eid] = value if isinstance(value, OrchestratorError) else execution_from_row(full[eid])
+            if not isinstance(value, OrchestratorError):
+                outcome[eid] = execution_from_row(full.get(eid, value))
+            else:
+                outcome[eid] = value
         return outcome
 
     @traced("orchestrator.complete_tasks")
@@ -273,14 +282,50 @@ class TaskCoordinator:
             except PayloadError as exc:
                 outcome[eid] = exc
         if todo:
-            with self._engine.transaction() as c:
-                outcome.update(self._finish_in(c, wid, todo))
+            done = self._complete_at_once(wid, todo)
+            if done is None:
+                with self._engine.transaction() as c:
+                    done = self._finish_in(c, wid, todo)
+            outcome.update(done)
+        return outcome
+
+    def _complete_at_once(
+        self, wid: UUID, results: Sequence[FinishResult]
+    ) -> dict[UUID, Row | OrchestratorError] | None:
+        """Record completions ``wid`` holds in one statement (one round trip, one commit), as
+        ``_finish_in`` would; None, with nothing written, when the batch needs ``_finish_in``.
+
+        That one statement covers forward tasks of running workflows; a compensation, a workflow in
+        another state, or a change to a workflow committed while the statement waited for its lock
+        make the whole batch general (see task_complete_many).
+        """
+        unique = list({r[0]: r for r in reversed(results)}.values())  # the first of repeated ids wins
+        channel = self._engine.channel if self._engine.config.notify else None
+        with self._engine.single() as c:
+            rows = self._engine.repos.executions.task_complete_many(c, wid, unique, channel)
+        if rows[0]["general"]:
+            return None
+        outcome: dict[UUID, Row | OrchestratorError] = {
+            row["execution_id"]: row for row in rows if row["execution_id"] is not None
+        }
+        refused = [r for r in unique if r[0] not in outcome]
+        if refused:
+            with self._engine.reading() as c:
+                for eid, token, state, _, _ in refused:
+                    outcome[eid] = self._refused(c, eid, wid, token, state)
         return outcome
 
     def _finish_one(
         self, conn: psycopg.Connection[Any] | None, wid: UUID, result: FinishResult
     ) -> TaskExecution:
         eid = result[0]
+        if conn is None and result[2] == "COMPLETED":
+            done = self._complete_at_once(wid, [result])
+            if done is not None:
+                outcome = done[eid]
+                if isinstance(outcome, OrchestratorError):
+                    raise outcome
+                return execution_from_row(outcome)
         with self._engine.transaction(conn) as c:
             outcome = self._finish_in(c, wid, [result])[eid]
             if isinstance(outcome, OrchestratorError):

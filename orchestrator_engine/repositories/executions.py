@@ -71,6 +71,20 @@ class ExecutionRepository(Repository):
         """Finish results ``(execution_id, fence_token, state, output, error)`` held by ``worker_id``."""
         return self._all(conn, "task_finish_if_fenced", self.finish_parameters(worker_id, results))
 
+    def task_complete_many(
+        self,
+        conn: psycopg.Connection[Any],
+        worker_id: UUID,
+        results: Sequence[FinishResult],
+        channel: str | None,
+    ) -> list[Row]:
+        """Complete forward results of running workflows in one statement, unless the batch is general.
+
+        Always returns a row; when its ``general`` is true nothing was written (see the statement).
+        """
+        params = {**self.finish_parameters(worker_id, results), "channel": channel}
+        return self._all(conn, "task_complete_many", params)
+
     @staticmethod
     def finish_parameters(worker_id: UUID, results: Sequence[FinishResult]) -> dict[str, Any]:
         """Return task_finish_if_fenced's parameters: the results as one JSON array.

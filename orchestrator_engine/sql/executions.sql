@@ -262,6 +262,177 @@ WITH req AS MATERIALIZED (
 )
 SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
 
+-- name: task_complete_many
+-- Complete a batch of forward executions of running workflows in one statement: what
+-- task_finish_if_fenced, task_release_dependents and workflow_update_if_sequence do in three, with the
+-- events the engine's units of work write for them (TASK_COMPLETED in execution order, then
+-- TASK_SCHEDULED for each dependent made READY, then WORKFLOW_COMPLETED when no forward task is left).
+-- Locks as task_finish_if_fenced takes them: instances in instance order, then executions.
+-- One statement has one snapshot, taken before it waited for any lock, so what it reads without a
+-- lock (dependents, dependencies' outputs) is current only if no change to the instance committed in
+-- between; every change to an instance's executions advances its sequence number, so the snapshot's
+-- sequence (w_seen) must equal the locked row's. Anything else (an instance that is not RUNNING, a
+-- compensation, a failure, a snapshot behind a lock) makes the whole batch `general`: nothing is
+-- written, and the caller records it with the three statements in one transaction instead.
+-- Outputs of the executions this statement finishes are not in its snapshot: the dependents' inputs
+-- and the workflow's output take them from `finished`.
+-- Returns the finished executions' rows (every column) and the flag, or one row of NULLs with it.
+WITH req AS MATERIALIZED (
+    SELECT (r->>'e')::uuid AS execution_id, (r->>'t')::numeric AS fence_token, r->>'s' AS state,
+           r->'o' AS output
+    FROM jsonb_array_elements(%(results)s::jsonb) AS r
+), batch AS MATERIALIZED (
+    SELECT x.execution_id, x.workflow_instance_id, q.fence_token, q.state, q.output
+    FROM {schema}.task_executions x
+    JOIN req q ON q.execution_id = x.execution_id
+    WHERE x.execution_id = ANY(ARRAY(SELECT q2.execution_id FROM req q2))
+    ORDER BY x.workflow_instance_id, x.execution_id
+), locked AS MATERIALIZED (
+    SELECT b.execution_id, b.fence_token, b.state, b.output, w.namespace AS w_namespace,
+           w.state AS w_state, w.sequence_number AS w_sequence_number, w.pending_tasks AS w_pending_tasks,
+           -- the instance as this statement's snapshot holds it (a read without a lock)
+           (SELECT s.sequence_number FROM {schema}.workflow_instances s
+            WHERE s.instance_id = b.workflow_instance_id) AS w_seen
+    FROM batch b
+    CROSS JOIN LATERAL (
+        SELECT w.namespace, w.state, w.sequence_number, w.pending_tasks
+        FROM {schema}.workflow_instances w
+        WHERE w.instance_id = b.workflow_instance_id
+        FOR NO KEY UPDATE
+    ) w
+), held AS MATERIALIZED (
+    SELECT k.*, e.kind
+    FROM locked k
+    CROSS JOIN LATERAL (
+        -- see task_finish_if_fenced
+        SELECT e.state, e.lease_holder, e.fence_token, e.kind
+        FROM {schema}.task_executions e
+        WHERE e.execution_id = k.execution_id
+        OFFSET 0
+        FOR NO KEY UPDATE
+    ) e
+    WHERE (SELECT count(*) FROM locked) >= 0
+      AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s AND e.fence_token = k.fence_token
+), general AS MATERIALIZED (
+    SELECT 1
+    FROM held h
+    WHERE h.state <> 'COMPLETED' OR h.kind <> 'FORWARD' OR h.w_state <> 'RUNNING'
+       OR h.w_seen IS DISTINCT FROM h.w_sequence_number
+    LIMIT 1
+), finished AS (
+    UPDATE {schema}.task_executions e
+    SET state = 'COMPLETED', output = h.output, error = NULL, finished_at = now()
+    FROM held h
+    WHERE e.execution_id = h.execution_id AND NOT EXISTS (SELECT FROM general)
+    RETURNING e.*, h.w_namespace, h.w_sequence_number, h.w_pending_tasks
+), released AS (
+    DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
+), hits AS (
+    -- see task_release_dependents
+    SELECT x.execution_id, count(*)::integer AS n
+    FROM finished f
+    CROSS JOIN LATERAL (
+        SELECT x.execution_id
+        FROM {schema}.task_executions x
+        WHERE x.workflow_instance_id = f.workflow_instance_id AND x.kind = 'FORWARD'
+          AND f.task_id = ANY(x.depends_on) AND x.state = 'PENDING'
+        OFFSET 0
+    ) x
+    GROUP BY x.execution_id
+), ready AS (
+    UPDATE {schema}.task_executions e
+    SET deps_remaining = e.deps_remaining - h.n,
+        state = CASE WHEN e.deps_remaining = h.n THEN 'READY' ELSE 'PENDING' END,
+        ready_at = CASE WHEN e.deps_remaining = h.n THEN now() END,
+        input = CASE WHEN e.deps_remaining = h.n THEN
+            jsonb_build_object(
+                'workflow', (SELECT w.input FROM {schema}.workflow_instances w
+                             WHERE w.instance_id = e.workflow_instance_id),
+                'dependencies', (
+                    SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
+                    FROM (SELECT d.task_id, d.output
+                          FROM {schema}.task_executions d
+                          WHERE d.workflow_instance_id = e.workflow_instance_id AND d.kind = 'FORWARD'
+                            AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on)
+                          UNION ALL
+                          SELECT f.task_id, f.output
+                          FROM finished f
+                          WHERE f.workflow_instance_id = e.workflow_instance_id
+                            AND f.task_id = ANY(e.depends_on)) d))
+            ELSE e.input END
+    FROM hits h
+    WHERE e.execution_id = h.execution_id
+      -- by primary key whatever the estimates (see workflow_update_if_sequence)
+      AND e.execution_id = ANY(ARRAY(SELECT h2.execution_id FROM hits h2))
+    RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.state, e.attempt_number, e.lapse_count
+), summary AS (
+    SELECT f.workflow_instance_id AS instance_id, min(f.w_namespace) AS namespace,
+           min(f.w_sequence_number) AS seq0, min(f.w_pending_tasks) - count(*)::integer AS pending
+    FROM finished f
+    GROUP BY f.workflow_instance_id
+), news AS (
+    SELECT n.instance_id, n.event_type, n.payload, n.idempotency_key,
+           s.seq0 + row_number() OVER (PARTITION BY n.instance_id ORDER BY n.grp, n.execution_id) AS seq
+    FROM (
+        SELECT f.workflow_instance_id AS instance_id, 1 AS grp, f.execution_id,
+               'TASK_COMPLETED' AS event_type,
+               jsonb_build_object('execution_id', f.execution_id, 'task_id', f.task_id, 'kind', f.kind,
+                                  'attempt', f.attempt_number, 'fence_token', f.fence_token) AS payload,
+               f.workflow_instance_id || ':completed:' || f.execution_id AS idempotency_key
+        FROM finished f
+        UNION ALL
+        SELECT r.workflow_instance_id, 2, r.execution_id, 'TASK_SCHEDULED',
+               jsonb_build_object('execution_id', r.execution_id, 'task_id', r.task_id,
+                                  'attempt', r.attempt_number),
+               r.workflow_instance_id || ':scheduled:' || r.execution_id || ':' || r.lapse_count
+        FROM ready r
+        WHERE r.state = 'READY'
+        UNION ALL
+        SELECT s.instance_id, 3, NULL, 'WORKFLOW_COMPLETED', jsonb_build_object(), NULL
+        FROM summary s
+        WHERE s.pending = 0
+    ) n
+    JOIN summary s ON s.instance_id = n.instance_id
+), logged AS (
+    INSERT INTO {schema}.events
+        (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
+    SELECT gen_random_uuid(), n.instance_id, n.seq, n.event_type, n.payload,
+           COALESCE(n.idempotency_key, n.instance_id || ':workflow_completed:' || n.seq)
+    FROM news n
+    RETURNING 1
+), moved AS (
+    UPDATE {schema}.workflow_instances w
+    SET state = CASE WHEN s.pending = 0 THEN 'COMPLETED' ELSE w.state END,
+        output = CASE WHEN s.pending = 0 THEN (
+            SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
+            FROM (SELECT d.task_id, d.output
+                  FROM {schema}.task_executions d
+                  WHERE d.workflow_instance_id = w.instance_id AND d.kind = 'FORWARD' AND d.state = 'COMPLETED'
+                  UNION ALL
+                  SELECT f.task_id, f.output FROM finished f WHERE f.workflow_instance_id = w.instance_id) d)
+            ELSE w.output END,
+        pending_tasks = s.pending,
+        sequence_number = (SELECT max(n.seq) FROM news n WHERE n.instance_id = s.instance_id),
+        updated_at = now(),
+        finished_at = CASE WHEN s.pending = 0 THEN now() END
+    FROM summary s
+    WHERE w.instance_id = s.instance_id
+      AND w.instance_id = ANY(ARRAY(SELECT s2.instance_id FROM summary s2))
+    RETURNING 1
+), woken AS (
+    SELECT pg_notify(%(channel)s::text, x.namespace)
+    FROM (SELECT DISTINCT s.namespace
+          FROM summary s
+          JOIN ready r ON r.workflow_instance_id = s.instance_id
+          WHERE r.state = 'READY') x
+    WHERE %(channel)s::text IS NOT NULL
+)
+SELECT f.*, EXISTS (SELECT FROM general) AS general, (SELECT count(*) FROM logged) AS events_written,
+       (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM woken) AS notified
+FROM (SELECT) AS one_row
+LEFT JOIN finished f ON true
+ORDER BY f.workflow_instance_id, f.execution_id
+
 -- name: task_renew_many_if_held
 -- A lapsed lease is not renewable (the worker must drop its result), nor is one past its task's
 -- timeout: the attempt is then treated as failed.

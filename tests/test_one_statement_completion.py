@@ -1,0 +1,310 @@
+"""Completing forward tasks of running workflows: one statement and one round trip, same records.
+
+The statement (task_complete_many) does what the general path does in a transaction of three
+statements; these tests pin the round trips, compare what both paths write, and cover the cases it
+hands to the general path: a compensation in the batch, and a change to the workflow committed while
+it waited for the workflow's lock (its snapshot is then older than the lock).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from helpers import (
+    Pool,
+    assert_history_valid,
+    chain,
+    complete,
+    fail,
+    new_worker,
+    poll_all,
+    poll_one,
+    query,
+    register,
+    single_attempt,
+    start,
+    wait_for,
+)
+from psycopg.pq import Trace
+
+from orchestrator_engine import (
+    EngineConfig,
+    TaskCoordinator,
+    TaskDefinition,
+    TaskExecution,
+    TaskState,
+    WorkflowCoordinator,
+    WorkflowState,
+    create_pool,
+)
+from orchestrator_engine.check import check_invariants
+
+pytestmark = pytest.mark.usefixtures("every_history_follows_legal_edges")
+
+
+@pytest.fixture
+def one_conn(engine_config: EngineConfig) -> Iterator[Pool]:
+    """A pool of one connection, so every statement the coordinators send goes through it."""
+    opened = create_pool(engine_config, min_size=1, max_size=1)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@contextmanager
+def round_trips(pool: Pool) -> Iterator[list[int]]:
+    """Count the round trips (the server's ReadyForQuery messages) on ``pool``'s one connection."""
+    fd, path = tempfile.mkstemp()
+    with pool.connection() as conn:
+        conn.pgconn.trace(fd)  # libpq owns the stream from here on
+        conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+    counted: list[int] = []
+    try:
+        yield counted
+    finally:
+        with pool.connection() as conn:
+            conn.pgconn.untrace()  # flushes the stream
+        lines = Path(path).read_text().splitlines()
+        Path(path).unlink()
+        counted.append(sum(1 for line in lines if line.startswith("B\t") and "\tReadyForQuery" in line))
+
+
+def _events(pool: Pool, config: EngineConfig, instance_id: UUID) -> list[tuple[Any, ...]]:
+    """The instance's events as the engine wrote them, instance and execution ids replaced by names."""
+    rows = query(
+        pool,
+        config,
+        "SELECT sequence_number, event_type, payload, idempotency_key FROM {}.events"
+        " WHERE workflow_instance_id = %s ORDER BY sequence_number",
+        instance_id,
+    )
+    names = {str(instance_id): "I"}
+    for row in query(
+        pool,
+        config,
+        "SELECT execution_id, task_id FROM {}.task_executions WHERE workflow_instance_id = %s",
+        instance_id,
+    ):
+        names[str(row["execution_id"])] = f"<{row['task_id']}>"
+    out = []
+    for row in rows:
+        key = row["idempotency_key"]
+        payload = dict(row["payload"])
+        for raw, name in names.items():
+            key = key.replace(raw, name)
+        for field in ("execution_id", "worker_id", "run_id"):
+            if field in payload:
+                payload[field] = names.get(payload[field], field)
+        out.append((row["sequence_number"], row["event_type"], payload, key))
+    return out
+
+
+def test_completing_a_forward_task_of_a_running_workflow_is_one_round_trip(
+    one_conn: Pool, engine_config: EngineConfig
+) -> None:
+    wc = WorkflowCoordinator(one_conn, engine_config)
+    tc = TaskCoordinator(one_conn, engine_config, engine=wc.engine)
+    register(wc, "pair", chain("a", "b"))
+    instance = start(wc, "pair", {"order": 7})
+    worker = new_worker()
+    a = poll_one(tc, worker)
+    with round_trips(one_conn) as trips:
+        done = tc.complete_task(a.execution_id, worker, a.fence_token, {"paid": True})
+    assert trips == [1]
+    assert done.state is TaskState.COMPLETED
+    assert done.output == {"paid": True}
+    b = poll_one(tc, worker)
+    assert b.task_id == "b"
+    assert b.input == {"workflow": {"order": 7}, "dependencies": {"a": {"paid": True}}}
+    with round_trips(one_conn) as trips:
+        complete(tc, b, "shipped")
+    assert trips == [1]
+    finished = wc.get_workflow(instance.instance_id)
+    assert finished.state is WorkflowState.COMPLETED
+    assert finished.output == {"a": {"paid": True}, "b": "shipped"}
+    assert [e.event_type for e in assert_history_valid(wc, instance.instance_id)] == [
+        "WORKFLOW_STARTED",
+        "TASK_SCHEDULED",
+        "TASK_STARTED",
+        "TASK_COMPLETED",
+        "TASK_SCHEDULED",
+        "TASK_STARTED",
+        "TASK_COMPLETED",
+        "WORKFLOW_COMPLETED",
+    ]
+
+
+def test_a_batch_of_completions_across_workflows_is_one_round_trip(
+    one_conn: Pool, engine_config: EngineConfig, dsn: str
+) -> None:
+    wc = WorkflowCoordinator(one_conn, engine_config)
+    tc = TaskCoordinator(one_conn, engine_config, engine=wc.engine)
+    register(wc, "single", [TaskDefinition("t")])
+    register(wc, "pair", chain("a", "b"))
+    singles = [start(wc, "single", i) for i in range(20)]
+    pairs = [start(wc, "pair", i) for i in range(5)]
+    worker = new_worker()
+    leased = poll_all(tc, worker)
+    assert len(leased) == 25
+    with round_trips(one_conn) as trips:
+        outcome = tc.complete_tasks(worker, [(e.execution_id, e.fence_token, e.task_id) for e in leased])
+    assert trips == [1]
+    assert all(isinstance(v, TaskExecution) and v.state is TaskState.COMPLETED for v in outcome.values())
+    assert {wc.get_workflow(i.instance_id).state for i in singles} == {WorkflowState.COMPLETED}
+    assert {wc.get_workflow(i.instance_id).state for i in pairs} == {WorkflowState.RUNNING}
+    following = poll_all(tc, worker)
+    assert sorted(e.task_id for e in following) == ["b"] * 5
+    assert all(e.input["dependencies"] == {"a": "a"} for e in following)
+    with psycopg.connect(dsn) as conn:
+        assert check_invariants(conn).ok
+
+
+def test_one_statement_writes_what_the_general_path_writes(pool: Pool, engine_config: EngineConfig) -> None:
+    # the same diamond run twice: completed one statement each, and inside a host transaction, which
+    # takes the general path (three statements): the events, inputs and output must be the same
+    wc = WorkflowCoordinator(pool, engine_config)
+    tc = TaskCoordinator(pool, engine_config, engine=wc.engine)
+    register(
+        wc,
+        "diamond",
+        [
+            TaskDefinition("a"),
+            TaskDefinition("b", depends_on=["a"]),
+            TaskDefinition("c", depends_on=["a"]),
+            TaskDefinition("d", depends_on=["b", "c"]),
+        ],
+    )
+    runs = []
+    for in_host_transaction in (False, True):
+        instance = start(wc, "diamond", {"n": 1})
+        worker = new_worker()
+        while True:
+            leased = poll_all(tc, worker)
+            if not leased:
+                break
+            for e in sorted(leased, key=lambda e: e.task_id):
+                output = {"from": e.task_id, "saw": sorted(e.input["dependencies"])}
+                if in_host_transaction:
+                    with psycopg.connect(engine_config.dsn) as conn:
+                        tc.complete_task(e.execution_id, worker, e.fence_token, output, conn=conn)
+                else:
+                    tc.complete_task(e.execution_id, worker, e.fence_token, output)
+        final = wc.get_workflow(instance.instance_id)
+        assert final.state is WorkflowState.COMPLETED
+        runs.append((final.output, _events(pool, engine_config, instance.instance_id)))
+    # siblings made READY together may be scheduled in either order; everything else is the same
+    (fast_output, fast), (general_output, general) = runs
+    assert fast_output == general_output
+    assert [e[:2] for e in fast] == [e[:2] for e in general]
+    assert sorted(repr(e[1:]) for e in fast) == sorted(repr(e[1:]) for e in general)
+    assert fast_output["d"] == {"from": "d", "saw": ["b", "c"]}
+
+
+def test_a_batch_with_a_compensation_is_recorded_by_the_general_path(
+    pool: Pool, engine_config: EngineConfig, dsn: str
+) -> None:
+    wc = WorkflowCoordinator(pool, engine_config)
+    tc = TaskCoordinator(pool, engine_config, engine=wc.engine)
+    register(
+        wc,
+        "trip",
+        [
+            TaskDefinition("a", compensation="undo_a", retry=single_attempt()),
+            TaskDefinition("b", depends_on=["a"], retry=single_attempt()),
+        ],
+    )
+    register(wc, "single", [TaskDefinition("t")])
+    undoing = start(wc, "trip")
+    worker = new_worker()
+    complete(tc, poll_one(tc, worker), "A")
+    fail(tc, poll_one(tc, worker), "no seats")
+    assert wc.get_workflow(undoing.instance_id).state is WorkflowState.COMPENSATING
+    running = start(wc, "single")
+    leased = poll_all(tc, worker)
+    assert sorted(e.kind.value for e in leased) == ["COMPENSATION", "FORWARD"]
+    outcome = tc.complete_tasks(worker, [(e.execution_id, e.fence_token, "done") for e in leased])
+    assert all(isinstance(v, TaskExecution) and v.state is TaskState.COMPLETED for v in outcome.values())
+    assert wc.get_workflow(undoing.instance_id).state is WorkflowState.COMPENSATED
+    assert wc.get_workflow(running.instance_id).state is WorkflowState.COMPLETED
+    history = [e.event_type for e in assert_history_valid(wc, undoing.instance_id)]
+    assert history[-2:] == ["COMPENSATION_TASK_COMPLETED", "WORKFLOW_COMPENSATED"]
+    assert [e.event_type for e in assert_history_valid(wc, running.instance_id)][-2:] == [
+        "TASK_COMPLETED",
+        "WORKFLOW_COMPLETED",
+    ]
+    with psycopg.connect(dsn) as conn:
+        assert check_invariants(conn).ok
+
+
+def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_meanwhile(
+    pool: Pool, engine_config: EngineConfig, dsn: str
+) -> None:
+    # p1 and p2 both feed the join. p1's completion holds the workflow's lock in a host transaction
+    # while p2's one-statement completion waits for it: that statement's snapshot was taken before
+    # p1 committed, so read from it alone the join would become READY without p1's output
+    wc = WorkflowCoordinator(pool, engine_config)
+    tc = TaskCoordinator(pool, engine_config, engine=wc.engine)
+    register(
+        wc,
+        "fan",
+        [
+            TaskDefinition("split"),
+            TaskDefinition("p1", depends_on=["split"]),
+            TaskDefinition("p2", depends_on=["split"]),
+            TaskDefinition("join", depends_on=["p1", "p2"]),
+        ],
+    )
+    instance = start(wc, "fan")
+    worker = new_worker()
+    complete(tc, poll_one(tc, worker), "S")
+    parts = {e.task_id: e for e in poll_all(tc, worker)}
+    assert sorted(parts) == ["p1", "p2"]
+    errors: list[BaseException] = []
+
+    def complete_p2() -> None:
+        try:
+            complete(tc, parts["p2"], "P2")
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    with psycopg.connect(dsn) as host:
+        host.execute("SELECT 1")  # opens the host's transaction: the completion below is part of it
+        tc.complete_task(parts["p1"].execution_id, worker, parts["p1"].fence_token, "P1", conn=host)
+        waiter = threading.Thread(target=complete_p2)
+        waiter.start()
+        with psycopg.connect(dsn, autocommit=True) as watch:
+
+            def waiting() -> bool:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                ).fetchone()
+                return row is not None and row[0] > 0
+
+            wait_for("p2's completion to wait for the workflow's lock", waiting)
+        host.commit()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert not errors, errors
+    join = poll_one(tc, worker)
+    assert join.task_id == "join"
+    assert join.input["dependencies"] == {"p1": "P1", "p2": "P2"}
+    complete(tc, join, "J")
+    final = wc.get_workflow(instance.instance_id)
+    assert final.state is WorkflowState.COMPLETED
+    assert final.output == {"split": "S", "p1": "P1", "p2": "P2", "join": "J"}
+    scheduled = [
+        e for e in assert_history_valid(wc, instance.instance_id) if e.event_type == "TASK_SCHEDULED"
+    ]
+    assert [e.payload["task_id"] for e in scheduled].count("join") == 1
+    with psycopg.connect(dsn) as conn:
+        assert check_invariants(conn).ok
