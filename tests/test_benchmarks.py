@@ -64,6 +64,7 @@ def explained(dsn: str) -> Iterator[dict[str, list[dict[str, Any]]]]:
         "wide_poll": "task_poll_and_lease",
         "task_select_lapsed": "task_select_lapsed",
         "task_finish_if_fenced": "task_finish_if_fenced",
+        "task_complete_many": "task_complete_many",
         "task_release_dependents": "task_release_dependents",
         "workflow_update_if_sequence": "workflow_update_if_sequence",
     }
@@ -147,7 +148,13 @@ def test_lapsed_lease_scan_reads_the_lease_expiry_index_when_many_leases_are_out
 
 @pytest.mark.parametrize(
     "statement",
-    ["task_poll_and_lease", "wide_poll", "task_finish_if_fenced", "workflow_update_if_sequence"],
+    [
+        "task_poll_and_lease",
+        "wide_poll",
+        "task_finish_if_fenced",
+        "task_complete_many",
+        "workflow_update_if_sequence",
+    ],
 )
 def test_hot_statements_reach_instances_by_primary_key(
     explained: dict[str, list[dict[str, Any]]], statement: str
@@ -157,10 +164,11 @@ def test_hot_statements_reach_instances_by_primary_key(
     assert "pk_workflow_instances" in _index_names(nodes)
 
 
+@pytest.mark.parametrize("statement", ["task_release_dependents", "task_complete_many"])
 def test_released_dependents_are_found_through_the_instance_index(
-    explained: dict[str, list[dict[str, Any]]],
+    explained: dict[str, list[dict[str, Any]]], statement: str
 ) -> None:
-    nodes = explained["task_release_dependents"]
+    nodes = explained[statement]
     assert "task_executions" not in _seq_scanned(nodes)
     assert "uk_task_executions_attempt" in _index_names(nodes)
 
