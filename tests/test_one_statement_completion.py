@@ -60,6 +60,25 @@ def one_conn(engine_config: EngineConfig) -> Iterator[Pool]:
         opened.close()
 
 
+def _coordinators(pool: Pool, config: EngineConfig) -> tuple[WorkflowCoordinator, TaskCoordinator]:
+    wc = WorkflowCoordinator(pool, config)
+    return wc, TaskCoordinator(pool, config, engine=wc.engine)
+
+
+def _diamond(wc: WorkflowCoordinator, name: str, top: str, left: str, right: str, bottom: str) -> None:
+    """Register ``top`` -> ``left`` and ``right`` -> ``bottom``."""
+    register(
+        wc,
+        name,
+        [
+            TaskDefinition(top),
+            TaskDefinition(left, depends_on=[top]),
+            TaskDefinition(right, depends_on=[top]),
+            TaskDefinition(bottom, depends_on=[left, right]),
+        ],
+    )
+
+
 @contextmanager
 def round_trips(pool: Pool) -> Iterator[list[int]]:
     """Count the round trips (the server's ReadyForQuery messages) on ``pool``'s one connection."""
@@ -111,8 +130,7 @@ def _events(pool: Pool, config: EngineConfig, instance_id: UUID) -> list[tuple[A
 def test_completing_a_forward_task_of_a_running_workflow_is_one_round_trip(
     one_conn: Pool, engine_config: EngineConfig
 ) -> None:
-    wc = WorkflowCoordinator(one_conn, engine_config)
-    tc = TaskCoordinator(one_conn, engine_config, engine=wc.engine)
+    wc, tc = _coordinators(one_conn, engine_config)
     register(wc, "pair", chain("a", "b"))
     instance = start(wc, "pair", {"order": 7})
     worker = new_worker()
@@ -146,8 +164,7 @@ def test_completing_a_forward_task_of_a_running_workflow_is_one_round_trip(
 def test_a_batch_of_completions_across_workflows_is_one_round_trip(
     one_conn: Pool, engine_config: EngineConfig, dsn: str
 ) -> None:
-    wc = WorkflowCoordinator(one_conn, engine_config)
-    tc = TaskCoordinator(one_conn, engine_config, engine=wc.engine)
+    wc, tc = _coordinators(one_conn, engine_config)
     register(wc, "single", [TaskDefinition("t")])
     register(wc, "pair", chain("a", "b"))
     singles = [start(wc, "single", i) for i in range(20)]
@@ -171,18 +188,8 @@ def test_a_batch_of_completions_across_workflows_is_one_round_trip(
 def test_one_statement_writes_what_the_general_path_writes(pool: Pool, engine_config: EngineConfig) -> None:
     # the same diamond run twice: completed one statement each, and inside a host transaction, which
     # takes the general path (three statements): the events, inputs and output must be the same
-    wc = WorkflowCoordinator(pool, engine_config)
-    tc = TaskCoordinator(pool, engine_config, engine=wc.engine)
-    register(
-        wc,
-        "diamond",
-        [
-            TaskDefinition("a"),
-            TaskDefinition("b", depends_on=["a"]),
-            TaskDefinition("c", depends_on=["a"]),
-            TaskDefinition("d", depends_on=["b", "c"]),
-        ],
-    )
+    wc, tc = _coordinators(pool, engine_config)
+    _diamond(wc, "diamond", "a", "b", "c", "d")
     runs = []
     for in_host_transaction in (False, True):
         instance = start(wc, "diamond", {"n": 1})
@@ -212,8 +219,7 @@ def test_one_statement_writes_what_the_general_path_writes(pool: Pool, engine_co
 def test_a_batch_with_a_compensation_is_recorded_by_the_general_path(
     pool: Pool, engine_config: EngineConfig, dsn: str
 ) -> None:
-    wc = WorkflowCoordinator(pool, engine_config)
-    tc = TaskCoordinator(pool, engine_config, engine=wc.engine)
+    wc, tc = _coordinators(pool, engine_config)
     register(
         wc,
         "trip",
@@ -251,18 +257,8 @@ def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_mean
     # p1 and p2 both feed the join. p1's completion holds the workflow's lock in a host transaction
     # while p2's one-statement completion waits for it: that statement's snapshot was taken before
     # p1 committed, so read from it alone the join would become READY without p1's output
-    wc = WorkflowCoordinator(pool, engine_config)
-    tc = TaskCoordinator(pool, engine_config, engine=wc.engine)
-    register(
-        wc,
-        "fan",
-        [
-            TaskDefinition("split"),
-            TaskDefinition("p1", depends_on=["split"]),
-            TaskDefinition("p2", depends_on=["split"]),
-            TaskDefinition("join", depends_on=["p1", "p2"]),
-        ],
-    )
+    wc, tc = _coordinators(pool, engine_config)
+    _diamond(wc, "fan", "split", "p1", "p2", "join")
     instance = start(wc, "fan")
     worker = new_worker()
     complete(tc, poll_one(tc, worker), "S")
