@@ -1,9 +1,9 @@
 """Completing forward tasks of running workflows: one statement and one round trip, same records.
 
 The statement (task_complete_many) does what the general path does in a transaction of three
-statements; these tests pin the round trips, compare what both paths write, and cover the cases it
-hands to the general path: a compensation in the batch, and a change to the workflow committed while
-it waited for the workflow's lock (its snapshot is then older than the lock).
+statements; these tests pin the round trips, compare what both paths write, and cover the workflows
+it leaves to the general path: one with a compensation in the batch, and one changed while the
+statement waited for the workflow's lock (its snapshot is then older than the lock).
 """
 
 from __future__ import annotations
@@ -256,19 +256,25 @@ def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_mean
 ) -> None:
     # p1 and p2 both feed the join. p1's completion holds the workflow's lock in a host transaction
     # while p2's one-statement completion waits for it: that statement's snapshot was taken before
-    # p1 committed, so read from it alone the join would become READY without p1's output
+    # p1 committed, so read from it alone the join would become READY without p1's output. The same
+    # batch completes another workflow's task, which the statement records itself
     wc, tc = _coordinators(pool, engine_config)
     _diamond(wc, "fan", "split", "p1", "p2", "join")
+    register(wc, "single", [TaskDefinition("t")])
     instance = start(wc, "fan")
     worker = new_worker()
     complete(tc, poll_one(tc, worker), "S")
     parts = {e.task_id: e for e in poll_all(tc, worker)}
     assert sorted(parts) == ["p1", "p2"]
+    other = start(wc, "single")
+    [solo] = poll_all(tc, worker)
     errors: list[BaseException] = []
 
     def complete_p2() -> None:
         try:
-            complete(tc, parts["p2"], "P2")
+            batch = [(e.execution_id, e.fence_token, e.task_id.upper()) for e in (parts["p2"], solo)]
+            outcome = tc.complete_tasks(worker, batch)
+            assert all(isinstance(v, TaskExecution) for v in outcome.values()), outcome
         except BaseException as exc:  # reported by the test's thread
             errors.append(exc)
 
@@ -302,5 +308,6 @@ def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_mean
         e for e in assert_history_valid(wc, instance.instance_id) if e.event_type == "TASK_SCHEDULED"
     ]
     assert [e.payload["task_id"] for e in scheduled].count("join") == 1
+    assert wc.get_workflow(other.instance_id).output == {"t": "T"}
     with psycopg.connect(dsn) as conn:
         assert check_invariants(conn).ok

@@ -240,10 +240,10 @@ class TaskCoordinator:
 
         ``results`` holds ``(execution_id, fence_token, output)``. Each result is judged on its own:
         the answer maps each execution id to its completed TaskExecution, or to the FencingError or
-        PayloadError that refused it. A batch of forward tasks of running workflows is one statement
-        (one round trip) whatever its size; any other batch is three statements in one transaction.
-        Instances are locked in instance order, so concurrent batches cannot deadlock. A database error
-        fails the whole batch; retrying it is safe.
+        PayloadError that refused it. Forward tasks of running workflows are recorded by one statement
+        (one round trip) whatever the batch size, the others by three statements in one transaction
+        after it. Instances are locked in instance order, so concurrent batches cannot deadlock. A
+        database error may leave part of the batch recorded; retrying the batch is safe.
         """
         outcome: dict[UUID, TaskExecution | OrchestratorError] = {}
         accepted = self._complete_batch(worker_id, results)
@@ -282,32 +282,30 @@ class TaskCoordinator:
             except PayloadError as exc:
                 outcome[eid] = exc
         if todo:
-            done = self._complete_at_once(wid, todo)
-            if done is None:
-                with self._engine.transaction() as c:
-                    done = self._finish_in(c, wid, todo)
-            outcome.update(done)
+            outcome.update(self._complete_at_once(wid, todo))
         return outcome
 
     def _complete_at_once(
         self, wid: UUID, results: Sequence[FinishResult]
-    ) -> dict[UUID, Row | OrchestratorError] | None:
-        """Record completions ``wid`` holds in one statement (one round trip, one commit), as
-        ``_finish_in`` would; None, with nothing written, when the batch needs ``_finish_in``.
+    ) -> dict[UUID, Row | OrchestratorError]:
+        """Record completions ``wid`` holds, as ``_finish_in`` would: in one statement (one round trip,
+        one commit) for forward tasks of running workflows, the rest with ``_finish_in`` after it.
 
-        That one statement covers forward tasks of running workflows; a compensation, a workflow in
-        another state, or a change to a workflow committed while the statement waited for its lock
-        make the whole batch general (see task_complete_many).
+        The statement leaves alone a workflow that is not running, has a compensation in the batch or
+        changed while the statement waited for its lock (see task_complete_many); a refused result
+        is explained by a read of its own.
         """
         unique = list({r[0]: r for r in reversed(results)}.values())  # the first of repeated ids wins
         channel = self._engine.channel if self._engine.config.notify else None
         with self._engine.single() as c:
             rows = self._engine.repos.executions.task_complete_many(c, wid, unique, channel)
-        if rows[0]["general"]:
-            return None
         outcome: dict[UUID, Row | OrchestratorError] = {
             row["execution_id"]: row for row in rows if row["execution_id"] is not None
         }
+        left = set(rows[0]["general"])
+        if left:
+            with self._engine.transaction() as c:
+                outcome.update(self._finish_in(c, wid, [r for r in unique if r[0] in left]))
         refused = [r for r in unique if r[0] not in outcome]
         if refused:
             with self._engine.reading() as c:
@@ -320,12 +318,15 @@ class TaskCoordinator:
     ) -> TaskExecution:
         eid = result[0]
         if conn is None and result[2] == "COMPLETED":
-            done = self._complete_at_once(wid, [result])
-            if done is not None:
-                outcome = done[eid]
-                if isinstance(outcome, OrchestratorError):
-                    raise outcome
-                return execution_from_row(outcome)
+            done = self._complete_at_once(wid, [result])[eid]
+            if isinstance(done, OrchestratorError):
+                raise done
+            if "input" in done:  # a whole row, from the one statement or the refusal's read
+                return execution_from_row(done)
+            with self._engine.reading() as c:
+                row = self._engine.repos.executions.task_get(c, eid)
+            assert row is not None
+            return execution_from_row(row)
         with self._engine.transaction(conn) as c:
             outcome = self._finish_in(c, wid, [result])[eid]
             if isinstance(outcome, OrchestratorError):

@@ -269,14 +269,16 @@ SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
 -- TASK_SCHEDULED for each dependent made READY, then WORKFLOW_COMPLETED when no forward task is left).
 -- Locks as task_finish_if_fenced takes them: instances in instance order, then executions.
 -- One statement has one snapshot, taken before it waited for any lock, so what it reads without a
--- lock (dependents, dependencies' outputs) is current only if no change to the instance committed in
--- between; every change to an instance's executions advances its sequence number, so the snapshot's
--- sequence (w_seen) must equal the locked row's. Anything else (an instance that is not RUNNING, a
--- compensation, a failure, a snapshot behind a lock) makes the whole batch `general`: nothing is
--- written, and the caller records it with the three statements in one transaction instead.
+-- lock (the dependents still waiting, the outputs of completed tasks) is current only if no change
+-- to the instance committed in between. Every change it reads (a task completing, a dependent
+-- released, a state change) advances the instance's sequence number in the same transaction, so the
+-- snapshot's sequence (w_seen) must equal the locked row's. An instance whose sequence moved (a poll
+-- that leased a sibling moves it too), that is not RUNNING, or that has a compensation or a failure in
+-- the batch is left alone: its results come back in `general` for the caller to record with the three
+-- statements; the others are written here.
 -- Outputs of the executions this statement finishes are not in its snapshot: the dependents' inputs
 -- and the workflow's output take them from `finished`.
--- Returns the finished executions' rows (every column) and the flag, or one row of NULLs with it.
+-- Returns the finished executions' rows (every column), or one row of NULLs, each with `general`.
 WITH req AS MATERIALIZED (
     SELECT (r->>'e')::uuid AS execution_id, (r->>'t')::numeric AS fence_token, r->>'s' AS state,
            r->'o' AS output
@@ -288,7 +290,7 @@ WITH req AS MATERIALIZED (
     WHERE x.execution_id = ANY(ARRAY(SELECT q2.execution_id FROM req q2))
     ORDER BY x.workflow_instance_id, x.execution_id
 ), locked AS MATERIALIZED (
-    SELECT b.execution_id, b.fence_token, b.state, b.output, w.namespace AS w_namespace,
+    SELECT b.execution_id, b.workflow_instance_id, b.fence_token, b.state, b.output, w.namespace AS w_namespace,
            w.state AS w_state, w.sequence_number AS w_sequence_number, w.pending_tasks AS w_pending_tasks,
            -- the instance as this statement's snapshot holds it (a read without a lock)
            (SELECT s.sequence_number FROM {schema}.workflow_instances s
@@ -314,16 +316,19 @@ WITH req AS MATERIALIZED (
     WHERE (SELECT count(*) FROM locked) >= 0
       AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s AND e.fence_token = k.fence_token
 ), general AS MATERIALIZED (
-    SELECT 1
+    SELECT DISTINCT h.workflow_instance_id
     FROM held h
     WHERE h.state <> 'COMPLETED' OR h.kind <> 'FORWARD' OR h.w_state <> 'RUNNING'
        OR h.w_seen IS DISTINCT FROM h.w_sequence_number
-    LIMIT 1
+), current AS MATERIALIZED (
+    SELECT h.*
+    FROM held h
+    WHERE NOT EXISTS (SELECT FROM general g WHERE g.workflow_instance_id = h.workflow_instance_id)
 ), finished AS (
     UPDATE {schema}.task_executions e
     SET state = 'COMPLETED', output = h.output, error = NULL, finished_at = now()
-    FROM held h
-    WHERE e.execution_id = h.execution_id AND NOT EXISTS (SELECT FROM general)
+    FROM current h
+    WHERE e.execution_id = h.execution_id
     RETURNING e.*, h.w_namespace, h.w_sequence_number, h.w_pending_tasks
 ), released AS (
     DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
@@ -427,7 +432,9 @@ WITH req AS MATERIALIZED (
           WHERE r.state = 'READY') x
     WHERE %(channel)s::text IS NOT NULL
 )
-SELECT f.*, EXISTS (SELECT FROM general) AS general, (SELECT count(*) FROM logged) AS events_written,
+SELECT f.*,
+       ARRAY(SELECT h.execution_id FROM held h JOIN general g USING (workflow_instance_id)) AS general,
+       (SELECT count(*) FROM logged) AS events_written,
        (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM woken) AS notified
 FROM (SELECT) AS one_row
 LEFT JOIN finished f ON true
