@@ -12,6 +12,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -19,6 +20,7 @@ from uuid import UUID
 import psycopg
 import pytest
 from helpers import (
+    NAMESPACE,
     Pool,
     assert_history_valid,
     chain,
@@ -77,6 +79,15 @@ def _diamond(wc: WorkflowCoordinator, name: str, top: str, left: str, right: str
             TaskDefinition(bottom, depends_on=[left, right]),
         ],
     )
+
+
+def _lock_waits(watch: psycopg.Connection[Any]) -> int:
+    """Count the sessions of this database that wait for a lock."""
+    row = watch.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 @contextmanager
@@ -284,15 +295,7 @@ def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_mean
         waiter = threading.Thread(target=complete_p2)
         waiter.start()
         with psycopg.connect(dsn, autocommit=True) as watch:
-
-            def waiting() -> bool:
-                row = watch.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                ).fetchone()
-                return row is not None and row[0] > 0
-
-            wait_for("p2's completion to wait for the workflow's lock", waiting)
+            wait_for("p2's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
         host.commit()
     waiter.join(30)
     assert not waiter.is_alive()
@@ -309,5 +312,57 @@ def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_mean
     ]
     assert [e.payload["task_id"] for e in scheduled].count("join") == 1
     assert wc.get_workflow(other.instance_id).output == {"t": "T"}
+    with psycopg.connect(dsn) as conn:
+        assert check_invariants(conn).ok
+
+
+def test_a_poll_that_commits_while_the_statement_waits_leaves_it_one_statement(
+    pool: Pool, engine_config: EngineConfig, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a poll that leases one part holds the workflow's lock while the other part's completion waits
+    # for it; the poll changes nothing the statement reads (a READY row becomes RUNNING, the sequence
+    # moves), so the statement records the part itself instead of leaving it to the general path
+    wc, tc = _coordinators(pool, engine_config)
+    _diamond(wc, "fan", "split", "p1", "p2", "join")
+    instance = start(wc, "fan")
+    worker, poller = new_worker(), new_worker()
+    complete(tc, poll_one(tc, worker), "S")
+    [p1] = tc.poll_tasks(worker, namespace=NAMESPACE, limit=1)
+    general: list[int] = []
+    finish_in = TaskCoordinator._finish_in
+
+    def spy(self: TaskCoordinator, c: Any, wid: UUID, results: Any) -> Any:
+        general.append(len(results))
+        return finish_in(self, c, wid, results)
+
+    monkeypatch.setattr(TaskCoordinator, "_finish_in", spy)
+    errors: list[BaseException] = []
+
+    def complete_p1() -> None:
+        try:
+            complete(tc, p1, p1.task_id.upper())
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    with psycopg.connect(dsn) as host:
+        names, rows = tc.engine.repos.executions.task_poll_and_lease(
+            host, worker_id=poller, namespace=NAMESPACE, task_types=None, limit=1, lease=timedelta(seconds=30)
+        )
+        [p2] = [dict(zip(names, row, strict=True)) for row in rows]
+        assert {p1.task_id, p2["task_id"]} == {"p1", "p2"}
+        waiter = threading.Thread(target=complete_p1)
+        waiter.start()
+        with psycopg.connect(dsn, autocommit=True) as watch:
+            wait_for("p1's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
+        host.commit()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert not errors, errors
+    assert general == []
+    tc.complete_task(p2["execution_id"], poller, p2["fence_token"], p2["task_id"].upper())
+    join = poll_one(tc, worker)
+    assert join.input["dependencies"] == {"p1": "P1", "p2": "P2"}
+    complete(tc, join, "J")
+    assert wc.get_workflow(instance.instance_id).output == {"split": "S", "p1": "P1", "p2": "P2", "join": "J"}
     with psycopg.connect(dsn) as conn:
         assert check_invariants(conn).ok

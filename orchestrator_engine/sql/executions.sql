@@ -269,13 +269,13 @@ SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
 -- TASK_SCHEDULED for each dependent made READY, then WORKFLOW_COMPLETED when no forward task is left).
 -- Locks as task_finish_if_fenced takes them: instances in instance order, then executions.
 -- One statement has one snapshot, taken before it waited for any lock, so what it reads without a
--- lock (the dependents still waiting, the outputs of completed tasks) is current only if no change
--- to the instance committed in between. Every change it reads (a task completing, a dependent
--- released, a state change) advances the instance's sequence number in the same transaction, so the
--- snapshot's sequence (w_seen) must equal the locked row's. An instance whose sequence moved (a poll
--- that leased a sibling moves it too), that is not RUNNING, or that has a compensation or a failure in
--- the batch is left alone: its results come back in `general` for the caller to record with the three
--- statements; the others are written here.
+-- lock (the dependents still waiting, the outputs of completed tasks) is current only if none of it
+-- changed in between. Only a forward task completing changes it (and releases dependents), and each
+-- one lowers the instance's pending_tasks, which never rises: so the snapshot's pending_tasks and
+-- state must equal the locked row's (w_seen_current). Polls, renewals, lapses and retries that
+-- commit meanwhile change neither, nor anything read here. An instance that changed so, that is not
+-- RUNNING, or that has a compensation or a failure in the batch is left alone: its results come back
+-- in `general` for the caller to record with the three statements; the others are written here.
 -- Outputs of the executions this statement finishes are not in its snapshot: the dependents' inputs
 -- and the workflow's output take them from `finished`.
 -- Returns the finished executions' rows (every column), or one row of NULLs, each with `general`.
@@ -290,11 +290,15 @@ WITH req AS MATERIALIZED (
     WHERE x.execution_id = ANY(ARRAY(SELECT q2.execution_id FROM req q2))
     ORDER BY x.workflow_instance_id, x.execution_id
 ), locked AS MATERIALIZED (
-    SELECT b.execution_id, b.workflow_instance_id, b.fence_token, b.state, b.output, w.namespace AS w_namespace,
+    SELECT b.execution_id, b.workflow_instance_id, b.fence_token, b.state, b.output,
+           w.namespace AS w_namespace,
            w.state AS w_state, w.sequence_number AS w_sequence_number, w.pending_tasks AS w_pending_tasks,
-           -- the instance as this statement's snapshot holds it (a read without a lock)
-           (SELECT s.sequence_number FROM {schema}.workflow_instances s
-            WHERE s.instance_id = b.workflow_instance_id) AS w_seen
+           -- the instance as this statement's snapshot holds it (a read without a lock) against the
+           -- locked row; a scalar subquery, so no join can reorder the rows, whose order is the
+           -- order in which `held` locks the executions
+           (SELECT s.state = w.state AND s.pending_tasks = w.pending_tasks
+            FROM {schema}.workflow_instances s
+            WHERE s.instance_id = b.workflow_instance_id) AS w_seen_current
     FROM batch b
     CROSS JOIN LATERAL (
         SELECT w.namespace, w.state, w.sequence_number, w.pending_tasks
@@ -319,7 +323,7 @@ WITH req AS MATERIALIZED (
     SELECT DISTINCT h.workflow_instance_id
     FROM held h
     WHERE h.state <> 'COMPLETED' OR h.kind <> 'FORWARD' OR h.w_state <> 'RUNNING'
-       OR h.w_seen IS DISTINCT FROM h.w_sequence_number
+       OR h.w_seen_current IS NOT TRUE
 ), current AS MATERIALIZED (
     SELECT h.*
     FROM held h
@@ -412,7 +416,8 @@ WITH req AS MATERIALIZED (
             SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
             FROM (SELECT d.task_id, d.output
                   FROM {schema}.task_executions d
-                  WHERE d.workflow_instance_id = w.instance_id AND d.kind = 'FORWARD' AND d.state = 'COMPLETED'
+                  WHERE d.workflow_instance_id = w.instance_id AND d.kind = 'FORWARD'
+                    AND d.state = 'COMPLETED'
                   UNION ALL
                   SELECT f.task_id, f.output FROM finished f WHERE f.workflow_instance_id = w.instance_id) d)
             ELSE w.output END,
