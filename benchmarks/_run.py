@@ -115,6 +115,8 @@ class Run:
     method: list[str] = field(default_factory=list)
     schemas: list[str] = field(default_factory=list)
     baseline: float | None = None
+    #: the commit ceiling of one connection, the baseline of the rows that commit from one thread
+    baseline_one: float | None = None
     #: (when, load averages and the share of CPU other processes took): other work skews every number
     loads: list[tuple[str, str]] = field(default_factory=list)
 
@@ -258,11 +260,15 @@ def run_baseline(run: Run, only: list[str]) -> None:
     n, seconds = run.concurrency, run.size.baseline_s
     run.baseline = _throughput.commit_ceiling(run.dsn, "bench_baseline", n, seconds)
     run.rows.append(Row("baseline", f"commit ceiling, {n} connections", rate(run.baseline, "commits/s")))
+    run.baseline_one = _throughput.commit_ceiling(run.dsn, "bench_baseline", 1, seconds)
+    run.rows.append(Row("baseline", "commit ceiling, 1 connection", rate(run.baseline_one, "commits/s")))
     run.method.append(
         f"**baseline**: {n} threads in one process, one connection each (the handler threads of a "
         f"1-process drain), each running autocommit `UPDATE bench SET n = n + 1 WHERE id = $1 RETURNING n` "
-        f"on its own row as fast as it can for {seconds:g} s. The `x baseline` column divides each "
-        "throughput by this rate."
+        f"on its own row as fast as it can for {seconds:g} s; then the same from one thread for "
+        f"{seconds:g} s. The `x baseline` column divides each throughput by the rate of as many "
+        "connections: the one-connection rate for the starts from one thread, the "
+        f"{n}-connection rate for every other row."
     )
 
 
@@ -293,7 +299,7 @@ def run_start(run: Run, only: list[str]) -> None:
                 f"start {size.starts:,} single-task",
                 f"{call}, {callers}",
                 rate(value, "workflows/s"),
-                times_baseline(value, run.baseline),
+                times_baseline(value, run.baseline_one if threads == 1 else run.baseline),
                 *at_least(value, target, "/s"),
             )
         )
