@@ -277,7 +277,7 @@ SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
 -- RUNNING, or that has a compensation or a failure in the batch is left alone: its results come back
 -- in `general` for the caller to record with the three statements; the others are written here.
 -- Outputs of the executions this statement finishes are not in its snapshot: the dependents' inputs
--- and the workflow's output take them from `finished`.
+-- and the workflow's output take them from `finished`, through `hits` and `summary`.
 -- Returns the finished executions' rows (every column), or one row of NULLs, each with `general`.
 WITH req AS MATERIALIZED (
     SELECT (r->>'e')::uuid AS execution_id, (r->>'t')::numeric AS fence_token, r->>'s' AS state,
@@ -333,12 +333,14 @@ WITH req AS MATERIALIZED (
     SET state = 'COMPLETED', output = h.output, error = NULL, finished_at = now()
     FROM current h
     WHERE e.execution_id = h.execution_id
-    RETURNING e.*, h.w_namespace, h.w_sequence_number, h.w_pending_tasks
+    RETURNING e.*, h.w_sequence_number, h.w_pending_tasks
 ), released AS (
     DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
 ), hits AS (
-    -- see task_release_dependents
-    SELECT x.execution_id, count(*)::integer AS n
+    -- see task_release_dependents; each dependent also takes the outputs of the tasks this statement
+    -- completes that it depends on (they are not in the snapshot) and its instance's first sequence
+    SELECT x.execution_id, count(*)::integer AS n, jsonb_object_agg(f.task_id, f.output) AS outputs,
+           min(f.w_sequence_number) AS seq0
     FROM finished f
     CROSS JOIN LATERAL (
         SELECT x.execution_id
@@ -357,51 +359,54 @@ WITH req AS MATERIALIZED (
             jsonb_build_object(
                 'workflow', (SELECT w.input FROM {schema}.workflow_instances w
                              WHERE w.instance_id = e.workflow_instance_id),
-                'dependencies', (
-                    SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
-                    FROM (SELECT d.task_id, d.output
-                          FROM {schema}.task_executions d
-                          WHERE d.workflow_instance_id = e.workflow_instance_id AND d.kind = 'FORWARD'
-                            AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on)
-                          UNION ALL
-                          SELECT f.task_id, f.output
-                          FROM finished f
-                          WHERE f.workflow_instance_id = e.workflow_instance_id
-                            AND f.task_id = ANY(e.depends_on)) d))
+                'dependencies',
+                (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
+                 FROM {schema}.task_executions d
+                 WHERE d.workflow_instance_id = e.workflow_instance_id AND d.kind = 'FORWARD'
+                   AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on))
+                || h.outputs)
             ELSE e.input END
     FROM hits h
     WHERE e.execution_id = h.execution_id
       -- by primary key whatever the estimates (see workflow_update_if_sequence)
       AND e.execution_id = ANY(ARRAY(SELECT h2.execution_id FROM hits h2))
-    RETURNING e.execution_id, e.workflow_instance_id, e.task_id, e.state, e.attempt_number, e.lapse_count
-), summary AS (
-    SELECT f.workflow_instance_id AS instance_id, min(f.w_namespace) AS namespace,
-           min(f.w_sequence_number) AS seq0, min(f.w_pending_tasks) - count(*)::integer AS pending
-    FROM finished f
-    GROUP BY f.workflow_instance_id
+    RETURNING e.execution_id, e.workflow_instance_id, e.namespace, e.task_id, e.state, e.attempt_number,
+              e.lapse_count, h.seq0
+), summary AS MATERIALIZED (
+    -- per instance, in one aggregate: the estimates of these CTEs are a row or two, so a join of two
+    -- of them runs as a nested loop, batch size squared
+    SELECT u.instance_id, min(u.seq0) AS seq0, min(u.pending) - count(*) FILTER (WHERE u.done) AS pending,
+           count(*) AS events, jsonb_object_agg(u.task_id, u.output) FILTER (WHERE u.done) AS outputs
+    FROM (SELECT f.workflow_instance_id AS instance_id, f.w_sequence_number AS seq0,
+                 f.w_pending_tasks AS pending, true AS done, f.task_id, f.output
+          FROM finished f
+          UNION ALL
+          SELECT r.workflow_instance_id, r.seq0, NULL, false, NULL, NULL
+          FROM ready r
+          WHERE r.state = 'READY') u
+    GROUP BY u.instance_id
 ), news AS (
     SELECT n.instance_id, n.event_type, n.payload, n.idempotency_key,
-           s.seq0 + row_number() OVER (PARTITION BY n.instance_id ORDER BY n.grp, n.execution_id) AS seq
+           n.seq0 + row_number() OVER (PARTITION BY n.instance_id ORDER BY n.grp, n.execution_id) AS seq
     FROM (
-        SELECT f.workflow_instance_id AS instance_id, 1 AS grp, f.execution_id,
+        SELECT f.workflow_instance_id AS instance_id, f.w_sequence_number AS seq0, 1 AS grp, f.execution_id,
                'TASK_COMPLETED' AS event_type,
                jsonb_build_object('execution_id', f.execution_id, 'task_id', f.task_id, 'kind', f.kind,
                                   'attempt', f.attempt_number, 'fence_token', f.fence_token) AS payload,
                f.workflow_instance_id || ':completed:' || f.execution_id AS idempotency_key
         FROM finished f
         UNION ALL
-        SELECT r.workflow_instance_id, 2, r.execution_id, 'TASK_SCHEDULED',
+        SELECT r.workflow_instance_id, r.seq0, 2, r.execution_id, 'TASK_SCHEDULED',
                jsonb_build_object('execution_id', r.execution_id, 'task_id', r.task_id,
                                   'attempt', r.attempt_number),
                r.workflow_instance_id || ':scheduled:' || r.execution_id || ':' || r.lapse_count
         FROM ready r
         WHERE r.state = 'READY'
         UNION ALL
-        SELECT s.instance_id, 3, NULL, 'WORKFLOW_COMPLETED', jsonb_build_object(), NULL
+        SELECT s.instance_id, s.seq0, 3, NULL, 'WORKFLOW_COMPLETED', jsonb_build_object(), NULL
         FROM summary s
         WHERE s.pending = 0
     ) n
-    JOIN summary s ON s.instance_id = n.instance_id
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
@@ -412,17 +417,14 @@ WITH req AS MATERIALIZED (
 ), moved AS (
     UPDATE {schema}.workflow_instances w
     SET state = CASE WHEN s.pending = 0 THEN 'COMPLETED' ELSE w.state END,
-        output = CASE WHEN s.pending = 0 THEN (
-            SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
-            FROM (SELECT d.task_id, d.output
-                  FROM {schema}.task_executions d
-                  WHERE d.workflow_instance_id = w.instance_id AND d.kind = 'FORWARD'
-                    AND d.state = 'COMPLETED'
-                  UNION ALL
-                  SELECT f.task_id, f.output FROM finished f WHERE f.workflow_instance_id = w.instance_id) d)
+        output = CASE WHEN s.pending = 0 THEN
+            (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
+             FROM {schema}.task_executions d
+             WHERE d.workflow_instance_id = w.instance_id AND d.kind = 'FORWARD' AND d.state = 'COMPLETED')
+            || s.outputs
             ELSE w.output END,
         pending_tasks = s.pending,
-        sequence_number = (SELECT max(n.seq) FROM news n WHERE n.instance_id = s.instance_id),
+        sequence_number = s.seq0 + s.events + CASE WHEN s.pending = 0 THEN 1 ELSE 0 END,
         updated_at = now(),
         finished_at = CASE WHEN s.pending = 0 THEN now() END
     FROM summary s
@@ -431,10 +433,7 @@ WITH req AS MATERIALIZED (
     RETURNING 1
 ), woken AS (
     SELECT pg_notify(%(channel)s::text, x.namespace)
-    FROM (SELECT DISTINCT s.namespace
-          FROM summary s
-          JOIN ready r ON r.workflow_instance_id = s.instance_id
-          WHERE r.state = 'READY') x
+    FROM (SELECT DISTINCT r.namespace FROM ready r WHERE r.state = 'READY') x
     WHERE %(channel)s::text IS NOT NULL
 )
 SELECT f.*,
