@@ -366,3 +366,64 @@ def test_a_poll_that_commits_while_the_statement_waits_leaves_it_one_statement(
     assert wc.get_workflow(instance.instance_id).output == {"split": "S", "p1": "P1", "p2": "P2", "join": "J"}
     with psycopg.connect(dsn) as conn:
         assert check_invariants(conn).ok
+
+
+def test_a_stale_snapshot_that_releases_nothing_is_still_one_statement(
+    pool: Pool, engine_config: EngineConfig, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # three parts feed the join; one completes in a host transaction while a second one's statement
+    # waits for the workflow's lock. That statement's snapshot is behind, but it makes nothing READY
+    # and completes no workflow, so it reads nothing from the snapshot and records the part itself;
+    # the third part's completion then builds the join's input from all three
+    wc, tc = _coordinators(pool, engine_config)
+    register(
+        wc,
+        "fan3",
+        [
+            TaskDefinition("split"),
+            *(TaskDefinition(f"p{i}", depends_on=["split"]) for i in (1, 2, 3)),
+            TaskDefinition("join", depends_on=["p1", "p2", "p3"]),
+        ],
+    )
+    instance = start(wc, "fan3")
+    worker = new_worker()
+    complete(tc, poll_one(tc, worker), "S")
+    parts = {e.task_id: e for e in poll_all(tc, worker)}
+    general: list[int] = []
+    finish_in = TaskCoordinator._finish_in
+
+    def spy(self: TaskCoordinator, c: Any, wid: UUID, results: Any) -> Any:
+        general.append(len(results))
+        return finish_in(self, c, wid, results)
+
+    monkeypatch.setattr(TaskCoordinator, "_finish_in", spy)
+    errors: list[BaseException] = []
+
+    def complete_p2() -> None:
+        try:
+            complete(tc, parts["p2"], "P2")
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    with psycopg.connect(dsn) as host:
+        host.execute("SELECT 1")  # opens the host's transaction: the completion below is part of it
+        tc.complete_task(parts["p1"].execution_id, worker, parts["p1"].fence_token, "P1", conn=host)
+        general.clear()  # the host's completion took the general path, as every one in a host transaction
+        waiter = threading.Thread(target=complete_p2)
+        waiter.start()
+        with psycopg.connect(dsn, autocommit=True) as watch:
+            wait_for("p2's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
+        host.commit()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert not errors, errors
+    assert general == []
+    complete(tc, parts["p3"], "P3")
+    assert general == []
+    join = poll_one(tc, worker)
+    assert join.input["dependencies"] == {"p1": "P1", "p2": "P2", "p3": "P3"}
+    complete(tc, join, "J")
+    final = wc.get_workflow(instance.instance_id)
+    assert final.output == {"split": "S", "p1": "P1", "p2": "P2", "p3": "P3", "join": "J"}
+    with psycopg.connect(dsn) as conn:
+        assert check_invariants(conn).ok

@@ -269,15 +269,17 @@ SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
 -- TASK_SCHEDULED for each dependent made READY, then WORKFLOW_COMPLETED when no forward task is left).
 -- Locks as task_finish_if_fenced takes them: instances in instance order, then executions.
 -- One statement has one snapshot, taken before it waited for any lock, so what it reads without a
--- lock (the dependents still waiting, the outputs of completed tasks) is current only if none of it
--- changed in between. Only a forward task completing changes it (and releases dependents), and each
--- one lowers the instance's pending_tasks, which never rises: so the snapshot's pending_tasks and
--- state must equal the locked row's (w_seen_current). Polls, renewals, lapses and retries that
--- commit meanwhile change neither, nor anything read here. An instance that changed so, that is not
--- RUNNING, or that has a compensation or a failure in the batch is left alone: its results come back
--- in `general` for the caller to record with the three statements; the others are written here.
+-- lock is current only if it did not change in between. It reads so the outputs of completed tasks,
+-- for the input of a dependent it makes READY and the output of a workflow it completes (the
+-- dependents themselves and every row it writes are locked, so their newest versions are read). Only
+-- a forward task completing changes those outputs, and each one lowers the instance's pending_tasks,
+-- which never rises: so the snapshot's pending_tasks and state are compared with the locked row's
+-- (w_seen_current). Polls, renewals, lapses and retries that commit meanwhile change neither. An
+-- instance whose snapshot is behind where it matters, that is not RUNNING, or that has a
+-- compensation or a failure in the batch is left alone: its results come back in `general` for the
+-- caller to record with the three statements; the others are written here.
 -- Outputs of the executions this statement finishes are not in its snapshot: the dependents' inputs
--- and the workflow's output take them from `finished`, through `hits` and `summary`.
+-- and the workflow's output take them from the batch, through `deps` and `summary`.
 -- Returns the finished executions' rows (every column), or one row of NULLs, each with `general`.
 WITH req AS MATERIALIZED (
     SELECT (r->>'e')::uuid AS execution_id, (r->>'t')::numeric AS fence_token, r->>'s' AS state,
@@ -307,11 +309,11 @@ WITH req AS MATERIALIZED (
         FOR NO KEY UPDATE
     ) w
 ), held AS MATERIALIZED (
-    SELECT k.*, e.kind
+    SELECT k.*, e.kind, e.task_id
     FROM locked k
     CROSS JOIN LATERAL (
         -- see task_finish_if_fenced
-        SELECT e.state, e.lease_holder, e.fence_token, e.kind
+        SELECT e.state, e.lease_holder, e.fence_token, e.kind, e.task_id
         FROM {schema}.task_executions e
         WHERE e.execution_id = k.execution_id
         OFFSET 0
@@ -319,11 +321,36 @@ WITH req AS MATERIALIZED (
     ) e
     WHERE (SELECT count(*) FROM locked) >= 0
       AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s AND e.fence_token = k.fence_token
+), deps AS MATERIALIZED (
+    -- the waiting dependents of the held executions (see task_release_dependents), locked after
+    -- them, so deps_remaining is the newest; each takes the outputs of the held executions it
+    -- depends on (not in the snapshot once written) and its instance's first sequence number
+    SELECT h.workflow_instance_id, x.execution_id, x.deps_remaining, count(*)::integer AS n,
+           jsonb_object_agg(h.task_id, h.output) AS outputs, min(h.w_sequence_number) AS seq0
+    FROM held h
+    CROSS JOIN LATERAL (
+        SELECT x.execution_id, x.deps_remaining, x.state
+        FROM {schema}.task_executions x
+        WHERE x.workflow_instance_id = h.workflow_instance_id AND x.kind = 'FORWARD'
+          AND h.task_id = ANY(x.depends_on) AND x.state = 'PENDING'
+        OFFSET 0
+        FOR NO KEY UPDATE
+    ) x
+    GROUP BY h.workflow_instance_id, x.execution_id, x.deps_remaining
 ), general AS MATERIALIZED (
-    SELECT DISTINCT h.workflow_instance_id
+    SELECT h.workflow_instance_id
     FROM held h
     WHERE h.state <> 'COMPLETED' OR h.kind <> 'FORWARD' OR h.w_state <> 'RUNNING'
-       OR h.w_seen_current IS NOT TRUE
+    UNION
+    -- a snapshot behind the lock, where this statement would read from it: to build the input of a
+    -- dependent it makes READY, or the output of the workflow it completes
+    SELECT h.workflow_instance_id
+    FROM held h
+    WHERE h.w_seen_current IS NOT TRUE
+      AND (EXISTS (SELECT FROM deps d
+                   WHERE d.workflow_instance_id = h.workflow_instance_id AND d.deps_remaining = d.n)
+           OR h.w_pending_tasks = (SELECT count(*) FROM held h2
+                                   WHERE h2.workflow_instance_id = h.workflow_instance_id))
 ), current AS MATERIALIZED (
     SELECT h.*
     FROM held h
@@ -336,20 +363,6 @@ WITH req AS MATERIALIZED (
     RETURNING e.*, h.w_sequence_number, h.w_pending_tasks
 ), released AS (
     DELETE FROM {schema}.execution_leases l USING finished f WHERE l.lease_key = f.execution_id
-), hits AS (
-    -- see task_release_dependents; each dependent also takes the outputs of the tasks this statement
-    -- completes that it depends on (they are not in the snapshot) and its instance's first sequence
-    SELECT x.execution_id, count(*)::integer AS n, jsonb_object_agg(f.task_id, f.output) AS outputs,
-           min(f.w_sequence_number) AS seq0
-    FROM finished f
-    CROSS JOIN LATERAL (
-        SELECT x.execution_id
-        FROM {schema}.task_executions x
-        WHERE x.workflow_instance_id = f.workflow_instance_id AND x.kind = 'FORWARD'
-          AND f.task_id = ANY(x.depends_on) AND x.state = 'PENDING'
-        OFFSET 0
-    ) x
-    GROUP BY x.execution_id
 ), ready AS (
     UPDATE {schema}.task_executions e
     SET deps_remaining = e.deps_remaining - h.n,
@@ -366,10 +379,12 @@ WITH req AS MATERIALIZED (
                    AND d.state = 'COMPLETED' AND d.task_id = ANY(e.depends_on))
                 || h.outputs)
             ELSE e.input END
-    FROM hits h
+    FROM deps h
     WHERE e.execution_id = h.execution_id
       -- by primary key whatever the estimates (see workflow_update_if_sequence)
-      AND e.execution_id = ANY(ARRAY(SELECT h2.execution_id FROM hits h2))
+      AND e.execution_id = ANY(ARRAY(
+          SELECT d.execution_id FROM deps d
+          WHERE NOT EXISTS (SELECT FROM general g WHERE g.workflow_instance_id = d.workflow_instance_id)))
     RETURNING e.execution_id, e.workflow_instance_id, e.namespace, e.task_id, e.state, e.attempt_number,
               e.lapse_count, h.seq0
 ), summary AS MATERIALIZED (
