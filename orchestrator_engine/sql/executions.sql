@@ -321,22 +321,32 @@ WITH req AS MATERIALIZED (
     ) e
     WHERE (SELECT count(*) FROM locked) >= 0
       AND e.state = 'RUNNING' AND e.lease_holder = %(worker_id)s AND e.fence_token = k.fence_token
-), deps AS MATERIALIZED (
-    -- the waiting dependents of the held executions (see task_release_dependents), locked after
-    -- them, so deps_remaining is the newest; each takes the outputs of the held executions it
-    -- depends on (not in the snapshot once written) and its instance's first sequence number
-    SELECT h.workflow_instance_id, x.execution_id, x.deps_remaining, count(*)::integer AS n,
+), gathered AS MATERIALIZED (
+    -- the held executions per instance: their task ids, outputs and the instance's first sequence
+    SELECT h.workflow_instance_id, array_agg(h.task_id) AS task_ids,
            jsonb_object_agg(h.task_id, h.output) AS outputs, min(h.w_sequence_number) AS seq0
     FROM held h
+    GROUP BY h.workflow_instance_id
+), deps AS MATERIALIZED (
+    -- the waiting dependents of the held executions (see task_release_dependents), found by one
+    -- probe of the instance index per instance, locked after the executions, so deps_remaining is
+    -- the newest; each takes the outputs of the held executions it depends on (not in the snapshot
+    -- once written) and its instance's first sequence number
+    SELECT g.workflow_instance_id, x.execution_id, x.deps_remaining,
+           (SELECT count(*)::integer FROM unnest(x.depends_on) AS t(task_id)
+            WHERE t.task_id = ANY(g.task_ids)) AS n,
+           (SELECT jsonb_object_agg(o.key, o.value) FROM jsonb_each(g.outputs) AS o
+            WHERE o.key = ANY(x.depends_on)) AS outputs,
+           g.seq0
+    FROM gathered g
     CROSS JOIN LATERAL (
-        SELECT x.execution_id, x.deps_remaining, x.state
+        SELECT x.execution_id, x.deps_remaining, x.depends_on
         FROM {schema}.task_executions x
-        WHERE x.workflow_instance_id = h.workflow_instance_id AND x.kind = 'FORWARD'
-          AND h.task_id = ANY(x.depends_on) AND x.state = 'PENDING'
+        WHERE x.workflow_instance_id = g.workflow_instance_id AND x.kind = 'FORWARD'
+          AND x.depends_on && g.task_ids AND x.state = 'PENDING'
         OFFSET 0
         FOR NO KEY UPDATE
     ) x
-    GROUP BY h.workflow_instance_id, x.execution_id, x.deps_remaining
 ), general AS MATERIALIZED (
     SELECT h.workflow_instance_id
     FROM held h
