@@ -427,3 +427,52 @@ def test_a_stale_snapshot_that_releases_nothing_is_still_one_statement(
     assert final.output == {"split": "S", "p1": "P1", "p2": "P2", "p3": "P3", "join": "J"}
     with psycopg.connect(dsn) as conn:
         assert check_invariants(conn).ok
+
+
+def test_a_retry_that_revives_the_workflow_while_a_completion_waits_does_not_break_it(
+    pool: Pool, engine_config: EngineConfig, dsn: str
+) -> None:
+    # a failed for good, so the workflow FAILED while b still ran; retry_task moves it back to
+    # RUNNING while b's completion waits for the workflow's lock. The row that completion's update
+    # scans is the FAILED one of its snapshot, and the row it builds from it is checked against the
+    # constraints before the newest is fetched: built from the scanned state, it broke
+    # ck_workflow_instances_finished_at
+    wc, tc = _coordinators(pool, engine_config)
+    register(
+        wc,
+        "pair",
+        [TaskDefinition("a", retry=single_attempt()), TaskDefinition("b", retry=single_attempt())],
+    )
+    instance = start(wc, "pair")
+    worker = new_worker()
+    held = {e.task_id: e for e in poll_all(tc, worker)}
+    fail(tc, held["a"], "no stock")
+    assert wc.get_workflow(instance.instance_id).state is WorkflowState.FAILED
+    errors: list[BaseException] = []
+
+    def complete_b() -> None:
+        try:
+            complete(tc, held["b"], "B")
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    with psycopg.connect(dsn) as host:
+        host.execute("SELECT 1")  # opens the host's transaction: the retry below is part of it
+        tc.retry_task(instance.instance_id, "a", conn=host)
+        waiter = threading.Thread(target=complete_b)
+        waiter.start()
+        with psycopg.connect(dsn, autocommit=True) as watch:
+            wait_for("b's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
+        host.commit()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert not errors, errors
+    assert wc.get_workflow(instance.instance_id).state is WorkflowState.RUNNING
+    again = poll_one(tc, worker)
+    assert again.task_id == "a"
+    complete(tc, again, "A")
+    final = wc.get_workflow(instance.instance_id)
+    assert final.state is WorkflowState.COMPLETED
+    assert final.output == {"a": "A", "b": "B"}
+    with psycopg.connect(dsn) as conn:
+        assert check_invariants(conn).ok

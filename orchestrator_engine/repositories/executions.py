@@ -78,9 +78,10 @@ class ExecutionRepository(Repository):
         results: Sequence[FinishResult],
         channel: str | None,
     ) -> list[Row]:
-        """Complete forward results of running workflows in one statement, unless the batch is general.
+        """Complete forward results of running workflows in one statement (see the statement).
 
-        Always returns a row; when its ``general`` is true nothing was written (see the statement).
+        Always returns a row; each row's ``general`` lists the results left to the general path, of
+        workflows the statement did not touch; the rest were written.
         """
         params = {**self.finish_parameters(worker_id, results), "channel": channel}
         return self._all(conn, "task_complete_many", params)

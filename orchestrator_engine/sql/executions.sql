@@ -274,10 +274,11 @@ SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
 -- dependents themselves and every row it writes are locked, so their newest versions are read). Only
 -- a forward task completing changes those outputs, and each one lowers the instance's pending_tasks,
 -- which never rises: so the snapshot's pending_tasks and state are compared with the locked row's
--- (w_seen_current). Polls, renewals, lapses and retries that commit meanwhile change neither. An
--- instance whose snapshot is behind where it matters, that is not RUNNING, or that has a
--- compensation or a failure in the batch is left alone: its results come back in `general` for the
--- caller to record with the three statements; the others are written here.
+-- (w_seen_current). Polls, renewals, lapses and retries that commit meanwhile write no output (a
+-- state they change is caught by the comparison, on the safe side). An instance whose snapshot is
+-- behind where it matters, that is not RUNNING, or that has a compensation or a failure in the batch
+-- is left alone: its results come back in `general` for the caller to record with the three
+-- statements; the others are written here.
 -- Outputs of the executions this statement finishes are not in its snapshot: the dependents' inputs
 -- and the workflow's output take them from the batch, through `deps` and `summary`.
 -- Returns the finished executions' rows (every column), or one row of NULLs, each with `general`.
@@ -364,7 +365,7 @@ WITH req AS MATERIALIZED (
 ), current AS MATERIALIZED (
     SELECT h.*
     FROM held h
-    WHERE NOT EXISTS (SELECT FROM general g WHERE g.workflow_instance_id = h.workflow_instance_id)
+    WHERE h.workflow_instance_id NOT IN (SELECT g.workflow_instance_id FROM general g)
 ), finished AS (
     UPDATE {schema}.task_executions e
     SET state = 'COMPLETED', output = h.output, error = NULL, finished_at = now()
@@ -391,10 +392,7 @@ WITH req AS MATERIALIZED (
             ELSE e.input END
     FROM deps h
     WHERE e.execution_id = h.execution_id
-      -- by primary key whatever the estimates (see workflow_update_if_sequence)
-      AND e.execution_id = ANY(ARRAY(
-          SELECT d.execution_id FROM deps d
-          WHERE NOT EXISTS (SELECT FROM general g WHERE g.workflow_instance_id = d.workflow_instance_id)))
+      AND h.workflow_instance_id NOT IN (SELECT g.workflow_instance_id FROM general g)
     RETURNING e.execution_id, e.workflow_instance_id, e.namespace, e.task_id, e.state, e.attempt_number,
               e.lapse_count, h.seq0
 ), summary AS MATERIALIZED (
@@ -441,7 +439,11 @@ WITH req AS MATERIALIZED (
     RETURNING 1
 ), moved AS (
     UPDATE {schema}.workflow_instances w
-    SET state = CASE WHEN s.pending = 0 THEN 'COMPLETED' ELSE w.state END,
+    -- every instance here is RUNNING on its locked row; the row this UPDATE scans may be an older
+    -- version (a retry_task that committed meanwhile moved it from FAILED), and the new row built
+    -- from it is checked against the constraints before the newest version is fetched: so no column
+    -- with a constraint is built from the scanned row
+    SET state = CASE WHEN s.pending = 0 THEN 'COMPLETED' ELSE 'RUNNING' END,
         output = CASE WHEN s.pending = 0 THEN
             (SELECT COALESCE(jsonb_object_agg(d.task_id, d.output), jsonb_build_object())
              FROM {schema}.task_executions d
@@ -454,7 +456,6 @@ WITH req AS MATERIALIZED (
         finished_at = CASE WHEN s.pending = 0 THEN now() END
     FROM summary s
     WHERE w.instance_id = s.instance_id
-      AND w.instance_id = ANY(ARRAY(SELECT s2.instance_id FROM summary s2))
     RETURNING 1
 ), woken AS (
     SELECT pg_notify(%(channel)s::text, x.namespace)
@@ -462,7 +463,8 @@ WITH req AS MATERIALIZED (
     WHERE %(channel)s::text IS NOT NULL
 )
 SELECT f.*,
-       ARRAY(SELECT h.execution_id FROM held h JOIN general g USING (workflow_instance_id)) AS general,
+       ARRAY(SELECT h.execution_id FROM held h
+             WHERE h.workflow_instance_id IN (SELECT g.workflow_instance_id FROM general g)) AS general,
        (SELECT count(*) FROM logged) AS events_written,
        (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM woken) AS notified
 FROM (SELECT) AS one_row
