@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -81,6 +81,14 @@ def _diamond(wc: WorkflowCoordinator, name: str, top: str, left: str, right: str
     )
 
 
+def complete_in(
+    tc: TaskCoordinator, host: psycopg.Connection[Any], execution: TaskExecution, output: Any
+) -> None:
+    """Complete ``execution`` inside the host's transaction (the general path, holding the lock)."""
+    assert execution.lease_holder is not None
+    tc.complete_task(execution.execution_id, execution.lease_holder, execution.fence_token, output, conn=host)
+
+
 def _lock_waits(watch: psycopg.Connection[Any]) -> int:
     """Count the sessions of this database that wait for a lock."""
     row = watch.execute(
@@ -88,6 +96,46 @@ def _lock_waits(watch: psycopg.Connection[Any]) -> int:
         " WHERE wait_event_type = 'Lock' AND datname = current_database()"
     ).fetchone()
     return 0 if row is None else int(row[0])
+
+
+def _while_it_waits(
+    dsn: str, hold: Callable[[psycopg.Connection[Any]], object], waiter: Callable[[], object]
+) -> None:
+    """Run ``hold`` in a host transaction, run ``waiter`` in a thread until it waits for a lock, then
+    commit the host's transaction and let ``waiter`` finish; fail with what it raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            waiter()
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    with psycopg.connect(dsn) as host:
+        host.execute("SELECT 1")  # opens the host's transaction: what ``hold`` does is part of it
+        hold(host)
+        thread = threading.Thread(target=run)
+        thread.start()
+        with psycopg.connect(dsn, autocommit=True) as watch:
+            wait_for("the completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
+        host.commit()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert not errors, errors
+
+
+@pytest.fixture
+def general_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of each batch of results recorded by the general path (``_finish_in``)."""
+    calls: list[int] = []
+    finish_in = TaskCoordinator._finish_in
+
+    def spy(self: TaskCoordinator, c: Any, wid: UUID, results: Any) -> Any:
+        calls.append(len(results))
+        return finish_in(self, c, wid, results)
+
+    monkeypatch.setattr(TaskCoordinator, "_finish_in", spy)
+    return calls
 
 
 @contextmanager
@@ -279,27 +327,17 @@ def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_mean
     assert sorted(parts) == ["p1", "p2"]
     other = start(wc, "single")
     [solo] = poll_all(tc, worker)
-    errors: list[BaseException] = []
 
-    def complete_p2() -> None:
-        try:
-            batch = [(e.execution_id, e.fence_token, e.task_id.upper()) for e in (parts["p2"], solo)]
-            outcome = tc.complete_tasks(worker, batch)
-            assert all(isinstance(v, TaskExecution) for v in outcome.values()), outcome
-        except BaseException as exc:  # reported by the test's thread
-            errors.append(exc)
+    def complete_p2_and_solo() -> None:
+        batch = [(e.execution_id, e.fence_token, e.task_id.upper()) for e in (parts["p2"], solo)]
+        outcome = tc.complete_tasks(worker, batch)
+        assert all(isinstance(v, TaskExecution) for v in outcome.values()), outcome
 
-    with psycopg.connect(dsn) as host:
-        host.execute("SELECT 1")  # opens the host's transaction: the completion below is part of it
-        tc.complete_task(parts["p1"].execution_id, worker, parts["p1"].fence_token, "P1", conn=host)
-        waiter = threading.Thread(target=complete_p2)
-        waiter.start()
-        with psycopg.connect(dsn, autocommit=True) as watch:
-            wait_for("p2's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
-        host.commit()
-    waiter.join(30)
-    assert not waiter.is_alive()
-    assert not errors, errors
+    _while_it_waits(
+        dsn,
+        lambda host: complete_in(tc, host, parts["p1"], "P1"),
+        complete_p2_and_solo,
+    )
     join = poll_one(tc, worker)
     assert join.task_id == "join"
     assert join.input["dependencies"] == {"p1": "P1", "p2": "P2"}
@@ -317,7 +355,7 @@ def test_a_completion_that_waited_for_the_workflow_lock_sees_what_committed_mean
 
 
 def test_a_poll_that_commits_while_the_statement_waits_leaves_it_one_statement(
-    pool: Pool, engine_config: EngineConfig, dsn: str, monkeypatch: pytest.MonkeyPatch
+    pool: Pool, engine_config: EngineConfig, dsn: str, general_path: list[int]
 ) -> None:
     # a poll that leases one part holds the workflow's lock while the other part's completion waits
     # for it; the poll changes nothing the statement reads (a READY row becomes RUNNING, the sequence
@@ -328,37 +366,18 @@ def test_a_poll_that_commits_while_the_statement_waits_leaves_it_one_statement(
     worker, poller = new_worker(), new_worker()
     complete(tc, poll_one(tc, worker), "S")
     [p1] = tc.poll_tasks(worker, namespace=NAMESPACE, limit=1)
-    general: list[int] = []
-    finish_in = TaskCoordinator._finish_in
+    leased: list[dict[str, Any]] = []
 
-    def spy(self: TaskCoordinator, c: Any, wid: UUID, results: Any) -> Any:
-        general.append(len(results))
-        return finish_in(self, c, wid, results)
-
-    monkeypatch.setattr(TaskCoordinator, "_finish_in", spy)
-    errors: list[BaseException] = []
-
-    def complete_p1() -> None:
-        try:
-            complete(tc, p1, p1.task_id.upper())
-        except BaseException as exc:  # reported by the test's thread
-            errors.append(exc)
-
-    with psycopg.connect(dsn) as host:
+    def poll_the_other(host: psycopg.Connection[Any]) -> None:
         names, rows = tc.engine.repos.executions.task_poll_and_lease(
             host, worker_id=poller, namespace=NAMESPACE, task_types=None, limit=1, lease=timedelta(seconds=30)
         )
-        [p2] = [dict(zip(names, row, strict=True)) for row in rows]
-        assert {p1.task_id, p2["task_id"]} == {"p1", "p2"}
-        waiter = threading.Thread(target=complete_p1)
-        waiter.start()
-        with psycopg.connect(dsn, autocommit=True) as watch:
-            wait_for("p1's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
-        host.commit()
-    waiter.join(30)
-    assert not waiter.is_alive()
-    assert not errors, errors
-    assert general == []
+        leased.extend(dict(zip(names, row, strict=True)) for row in rows)
+
+    _while_it_waits(dsn, poll_the_other, lambda: complete(tc, p1, p1.task_id.upper()))
+    [p2] = leased
+    assert {p1.task_id, p2["task_id"]} == {"p1", "p2"}
+    assert general_path == []
     tc.complete_task(p2["execution_id"], poller, p2["fence_token"], p2["task_id"].upper())
     join = poll_one(tc, worker)
     assert join.input["dependencies"] == {"p1": "P1", "p2": "P2"}
@@ -369,7 +388,7 @@ def test_a_poll_that_commits_while_the_statement_waits_leaves_it_one_statement(
 
 
 def test_a_stale_snapshot_that_releases_nothing_is_still_one_statement(
-    pool: Pool, engine_config: EngineConfig, dsn: str, monkeypatch: pytest.MonkeyPatch
+    pool: Pool, engine_config: EngineConfig, dsn: str, general_path: list[int]
 ) -> None:
     # three parts feed the join; one completes in a host transaction while a second one's statement
     # waits for the workflow's lock. That statement's snapshot is behind, but it makes nothing READY
@@ -389,37 +408,15 @@ def test_a_stale_snapshot_that_releases_nothing_is_still_one_statement(
     worker = new_worker()
     complete(tc, poll_one(tc, worker), "S")
     parts = {e.task_id: e for e in poll_all(tc, worker)}
-    general: list[int] = []
-    finish_in = TaskCoordinator._finish_in
 
-    def spy(self: TaskCoordinator, c: Any, wid: UUID, results: Any) -> Any:
-        general.append(len(results))
-        return finish_in(self, c, wid, results)
+    def complete_p1(host: psycopg.Connection[Any]) -> None:
+        complete_in(tc, host, parts["p1"], "P1")
+        general_path.clear()  # a completion in a host's transaction always takes the general path
 
-    monkeypatch.setattr(TaskCoordinator, "_finish_in", spy)
-    errors: list[BaseException] = []
-
-    def complete_p2() -> None:
-        try:
-            complete(tc, parts["p2"], "P2")
-        except BaseException as exc:  # reported by the test's thread
-            errors.append(exc)
-
-    with psycopg.connect(dsn) as host:
-        host.execute("SELECT 1")  # opens the host's transaction: the completion below is part of it
-        tc.complete_task(parts["p1"].execution_id, worker, parts["p1"].fence_token, "P1", conn=host)
-        general.clear()  # the host's completion took the general path, as every one in a host transaction
-        waiter = threading.Thread(target=complete_p2)
-        waiter.start()
-        with psycopg.connect(dsn, autocommit=True) as watch:
-            wait_for("p2's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
-        host.commit()
-    waiter.join(30)
-    assert not waiter.is_alive()
-    assert not errors, errors
-    assert general == []
+    _while_it_waits(dsn, complete_p1, lambda: complete(tc, parts["p2"], "P2"))
+    assert general_path == []
     complete(tc, parts["p3"], "P3")
-    assert general == []
+    assert general_path == []
     join = poll_one(tc, worker)
     assert join.input["dependencies"] == {"p1": "P1", "p2": "P2", "p3": "P3"}
     complete(tc, join, "J")
@@ -448,25 +445,11 @@ def test_a_retry_that_revives_the_workflow_while_a_completion_waits_does_not_bre
     held = {e.task_id: e for e in poll_all(tc, worker)}
     fail(tc, held["a"], "no stock")
     assert wc.get_workflow(instance.instance_id).state is WorkflowState.FAILED
-    errors: list[BaseException] = []
-
-    def complete_b() -> None:
-        try:
-            complete(tc, held["b"], "B")
-        except BaseException as exc:  # reported by the test's thread
-            errors.append(exc)
-
-    with psycopg.connect(dsn) as host:
-        host.execute("SELECT 1")  # opens the host's transaction: the retry below is part of it
-        tc.retry_task(instance.instance_id, "a", conn=host)
-        waiter = threading.Thread(target=complete_b)
-        waiter.start()
-        with psycopg.connect(dsn, autocommit=True) as watch:
-            wait_for("b's completion to wait for the workflow's lock", lambda: _lock_waits(watch) > 0)
-        host.commit()
-    waiter.join(30)
-    assert not waiter.is_alive()
-    assert not errors, errors
+    _while_it_waits(
+        dsn,
+        lambda host: tc.retry_task(instance.instance_id, "a", conn=host),
+        lambda: complete(tc, held["b"], "B"),
+    )
     assert wc.get_workflow(instance.instance_id).state is WorkflowState.RUNNING
     again = poll_one(tc, worker)
     assert again.task_id == "a"
