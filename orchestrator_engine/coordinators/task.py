@@ -45,6 +45,11 @@ _INSTANCE_COLUMNS = (
 )
 
 
+def _first_of_each(results: Sequence[FinishResult]) -> list[FinishResult]:
+    """Return ``results`` with each execution once: the first of repeated ids wins."""
+    return list({r[0]: r for r in reversed(results)}.values())
+
+
 def _fence(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"fence_token must be an int, got {type(value).__name__}")
@@ -245,9 +250,16 @@ class TaskCoordinator:
         after it. Instances are locked in instance order, so concurrent batches cannot deadlock. A
         database error may leave part of the batch recorded; retrying the batch is safe.
         """
-        outcome: dict[UUID, TaskExecution | OrchestratorError] = {}
-        accepted = self._complete_batch(worker_id, results)
-        # the one-statement completion answers with whole rows; the general path with a few columns
+        return self._executions(self._complete_batch(worker_id, results))
+
+    def _executions(
+        self, accepted: dict[UUID, Row | OrchestratorError]
+    ) -> dict[UUID, TaskExecution | OrchestratorError]:
+        """Make each accepted row a TaskExecution, reading the rows that came back with a few columns.
+
+        The one-statement completion and a refusal's read answer with whole rows; ``_finish_in``
+        (the general path) with a few columns, which are read whole here, after the commit.
+        """
         fetch = [
             eid for eid, v in accepted.items() if not isinstance(v, OrchestratorError) and "input" not in v
         ]
@@ -255,12 +267,10 @@ class TaskCoordinator:
         if fetch:
             with self._engine.reading() as c:
                 full = {r["execution_id"]: r for r in self._engine.repos.executions.task_get_many(c, fetch)}
-        for eid, value in accepted.items():
-            if not isinstance(value, OrchestratorError):
-                outcome[eid] = execution_from_row(full.get(eid, value))
-            else:
-                outcome[eid] = value
-        return outcome
+        return {
+            eid: value if isinstance(value, OrchestratorError) else execution_from_row(full.get(eid, value))
+            for eid, value in accepted.items()
+        }
 
     @traced("orchestrator.complete_tasks")
     def _complete_batch(
@@ -295,7 +305,7 @@ class TaskCoordinator:
         changed while the statement waited for its lock (see task_complete_many); a refused result
         is explained by a read of its own.
         """
-        unique = list({r[0]: r for r in reversed(results)}.values())  # the first of repeated ids wins
+        unique = _first_of_each(results)
         channel = self._engine.channel if self._engine.config.notify else None
         with self._engine.single() as c:
             rows = self._engine.repos.executions.task_complete_many(c, wid, unique, channel)
@@ -318,15 +328,10 @@ class TaskCoordinator:
     ) -> TaskExecution:
         eid = result[0]
         if conn is None and result[2] == "COMPLETED":
-            done = self._complete_at_once(wid, [result])[eid]
+            done = self._executions(self._complete_at_once(wid, [result]))[eid]
             if isinstance(done, OrchestratorError):
                 raise done
-            if "input" in done:  # a whole row, from the one statement or the refusal's read
-                return execution_from_row(done)
-            with self._engine.reading() as c:
-                row = self._engine.repos.executions.task_get(c, eid)
-            assert row is not None
-            return execution_from_row(row)
+            return done
         with self._engine.transaction(conn) as c:
             outcome = self._finish_in(c, wid, [result])[eid]
             if isinstance(outcome, OrchestratorError):
@@ -341,7 +346,7 @@ class TaskCoordinator:
         """Record results of executions ``wid`` holds: one statement finishes them all under their
         fences, one releases the dependents of every completed task, one writes every instance."""
         repos = self._engine.repos
-        unique = list({r[0]: r for r in reversed(results)}.values())  # the first of repeated ids wins
+        unique = _first_of_each(results)
         rows = repos.executions.task_finish_if_fenced(c, wid, unique)
         outcome: dict[UUID, Row | OrchestratorError] = {}
         units: dict[UUID, InstanceUnit] = {}

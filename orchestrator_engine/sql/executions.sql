@@ -294,7 +294,6 @@ WITH req AS MATERIALIZED (
     ORDER BY x.workflow_instance_id, x.execution_id
 ), locked AS MATERIALIZED (
     SELECT b.execution_id, b.workflow_instance_id, b.fence_token, b.state, b.output,
-           w.namespace AS w_namespace,
            w.state AS w_state, w.sequence_number AS w_sequence_number, w.pending_tasks AS w_pending_tasks,
            -- the instance as this statement's snapshot holds it (a read without a lock) against the
            -- locked row; a scalar subquery, so no join can reorder the rows, whose order is the
@@ -304,7 +303,7 @@ WITH req AS MATERIALIZED (
             WHERE s.instance_id = b.workflow_instance_id) AS w_seen_current
     FROM batch b
     CROSS JOIN LATERAL (
-        SELECT w.namespace, w.state, w.sequence_number, w.pending_tasks
+        SELECT w.state, w.sequence_number, w.pending_tasks
         FROM {schema}.workflow_instances w
         WHERE w.instance_id = b.workflow_instance_id
         FOR NO KEY UPDATE
@@ -465,8 +464,7 @@ WITH req AS MATERIALIZED (
 SELECT f.*,
        ARRAY(SELECT h.execution_id FROM held h
              WHERE h.workflow_instance_id IN (SELECT g.workflow_instance_id FROM general g)) AS general,
-       (SELECT count(*) FROM logged) AS events_written,
-       (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM woken) AS notified
+       (SELECT count(*) FROM woken) AS notified  -- a CTE that writes nothing runs only if read
 FROM (SELECT) AS one_row
 LEFT JOIN finished f ON true
 ORDER BY f.workflow_instance_id, f.execution_id
