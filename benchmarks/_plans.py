@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from orchestrator_engine import EngineConfig, StartWorkflowRequest, TaskCoordinator, create_pool
-from orchestrator_engine.coordinators.workflow import _StartBatch
+from orchestrator_engine.coordinators.workflow import _start_plan, _StartBatch, start_one_parameters
 from orchestrator_engine.repositories.executions import ExecutionRepository
 from orchestrator_engine.repositories.instances import InstanceRepository
 from orchestrator_engine.sql import queries, raw_queries
@@ -136,6 +136,7 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
         },
         "definition_get_latest": {"namespace": _shapes.NAMESPACE, "name": "chain"},
         "workflow_start_many": _start_many_parameters(),
+        "workflow_start_one": _start_one_parameters(),
     }
 
 
@@ -145,6 +146,16 @@ def _start_many_parameters() -> dict[str, Any]:
     request = StartWorkflowRequest(_shapes.NAMESPACE, "single", "plan-start", {"i": 0})
     batch.add(request, json.dumps(request.input), _shapes.single(), 0)
     return InstanceRepository.start_parameters(batch.instances, batch.plan_texts, None)
+
+
+def _start_one_parameters() -> dict[str, Any]:
+    """Return one new single-task workflow, as WorkflowCoordinator.start_workflow sends it."""
+    request = StartWorkflowRequest(_shapes.NAMESPACE, "single", "plan-start-one", {"i": 0})
+    definition = _shapes.single()
+    plan = _start_plan(definition)
+    return start_one_parameters(
+        request, json.dumps(request.input), definition, plan, "orchestrator_engine_plans"
+    )
 
 
 def missing_parameters(name: str, params: dict[str, Any]) -> list[str]:

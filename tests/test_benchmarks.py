@@ -67,6 +67,7 @@ def explained(dsn: str) -> Iterator[dict[str, list[dict[str, Any]]]]:
         "task_complete_many": "task_complete_many",
         "task_release_dependents": "task_release_dependents",
         "workflow_update_if_sequence": "workflow_update_if_sequence",
+        "workflow_start_one": "workflow_start_one",
     }
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield {key: _plan(conn, name, params[key]) for key, name in statements.items()}
@@ -171,6 +172,16 @@ def test_released_dependents_are_found_through_the_instance_index(
     nodes = explained[statement]
     assert "task_executions" not in _seq_scanned(nodes)
     assert "uk_task_executions_attempt" in _index_names(nodes)
+
+
+def test_a_single_start_reads_no_table_whole_but_the_waiting_workers(
+    explained: dict[str, list[dict[str, Any]]],
+) -> None:
+    # the latest version through the definitions' key; the run_id's conflict through uk_idempotency
+    # (an arbiter index, not a plan node). waiting_workers holds a row per idle worker process
+    nodes = explained["workflow_start_one"]
+    assert _seq_scanned(nodes) <= {"waiting_workers"}, _seq_scanned(nodes)
+    assert "pk_workflow_definitions" in _index_names(nodes)
 
 
 @pytest.mark.slow

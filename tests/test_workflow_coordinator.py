@@ -218,11 +218,11 @@ def test_a_start_overlapping_another_commits_without_notify_and_is_announced_aft
         repo = wc.engine.repos.instances
         channels: dict[str, str | None] = {}
         committed_when_announced: list[bool] = []
-        start_many, announce = repo.workflow_start_many, repo.announce
+        start_one, announce = repo.workflow_start_one, repo.announce
 
-        def start_spy(conn: psycopg.Connection[Any], instances: list[Any], *args: Any, **kw: Any) -> Any:
-            channels[instances[0]["run_id"]] = kw["channel"]
-            return start_many(conn, instances, *args, **kw)
+        def start_spy(conn: psycopg.Connection[Any], params: dict[str, Any], **kw: Any) -> Any:
+            channels[params["run_id"]] = params["channel"]
+            return start_one(conn, params, **kw)
 
         visible = sql.SQL("SELECT count(*) FROM {}.workflow_instances WHERE run_id = 'overlapping'").format(
             sql.Identifier(engine_config.schema)
@@ -233,7 +233,7 @@ def test_a_start_overlapping_another_commits_without_notify_and_is_announced_aft
                 committed_when_announced.append(other.execute(visible).fetchone() == (1,))
             announce(conn, channel, namespaces)
 
-        monkeypatch.setattr(repo, "workflow_start_many", start_spy)
+        monkeypatch.setattr(repo, "workflow_start_one", start_spy)
         monkeypatch.setattr(repo, "announce", announce_spy)
         host.execute("INSERT INTO public.orders VALUES (1)")  # opens the host's implicit transaction
         start(wc, "shop", run_id="held", conn=host)  # which now holds this run_id, uncommitted

@@ -9,7 +9,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -23,6 +23,7 @@ from ..repositories import Repositories
 from ._unit import InstanceUnit
 
 log = logging.getLogger("orchestrator_engine.engine")
+P = TypeVar("P")
 
 #: an announcer sends at most one NOTIFY statement per this many seconds, covering every write since
 ANNOUNCE_INTERVAL = 0.005
@@ -49,7 +50,11 @@ class Engine:
         #: the latest version of each (namespace, name) last seen; may be stale, see latest_definition
         self._latest: dict[tuple[str, str], int] = {}
         #: what a start sends of each cached definition, see start_plan
-        self._start_plans: dict[tuple[str, str, int], tuple[str, int]] = {}
+        self._start_plans: dict[tuple[str, str, int], Any] = {}
+        #: whether the last start of one workflow saw an idle worker waiting for a task: only then
+        #: does the next such start send the statement that can lease its task to one (see
+        #: WorkflowCoordinator._start_one). A hint, shared by this engine's threads; True at first
+        self.expect_waiting = True
         self._lock = threading.Lock()
         self._local = threading.local()
         #: whether a write of this engine that notifies in its own transaction is in flight
@@ -163,9 +168,7 @@ class Engine:
                     self._latest[key[:2]] = key[2]
         return definition
 
-    def start_plan(
-        self, definition: WorkflowDefinition, make: Callable[[WorkflowDefinition], tuple[str, int]]
-    ) -> tuple[str, int]:
+    def start_plan(self, definition: WorkflowDefinition, make: Callable[[WorkflowDefinition], P]) -> P:
         """Return ``make(definition)``, made once per definition this engine has cached.
 
         A definition that is not the cached one (read inside the caller's transaction, which could
@@ -174,7 +177,7 @@ class Engine:
         key = (definition.namespace, definition.name, definition.version)
         if self._definitions.get(key) is not definition:
             return make(definition)
-        plan = self._start_plans.get(key)
+        plan: P | None = self._start_plans.get(key)
         if plan is None:
             # threads that race here make equal plans; the last one stored wins
             plan = self._start_plans[key] = make(definition)

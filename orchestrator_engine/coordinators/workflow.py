@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
@@ -147,6 +147,8 @@ class WorkflowCoordinator:
         self, conn: psycopg.Connection[Any] | None, checked: list[tuple[StartWorkflowRequest, str]]
     ) -> list[WorkflowInstance]:
         """Run the start in the host's transaction, else as one autocommit statement when it can be."""
+        if len(checked) == 1:
+            return [self._start_one(conn, *checked[0])]
         if conn is None:
             # the start is one statement, atomic on its own (see Engine.single); it notifies idle
             # workers itself unless another write of this engine that notifies is in flight, in which
@@ -168,6 +170,88 @@ class WorkflowCoordinator:
             started = self._start_many(c, checked, in_transaction=True, announce=None)
         assert started is not None
         return started
+
+    def _start_one(
+        self, conn: psycopg.Connection[Any] | None, request: StartWorkflowRequest, input_text: str
+    ) -> WorkflowInstance:
+        """Start one workflow with one statement, or return the instance its run_id started before.
+
+        Outside a host's transaction the statement commits alone (see Engine.single) and notifies idle
+        workers itself, unless another write of this engine that notifies is in flight: then the
+        notification follows its commit (see Engine.notifying). Only such a start can lease its task
+        in the start (direct dispatch): in a host's transaction the lease would tick before the host
+        commits, and a start that does not notify could not tell the worker.
+        """
+        engine = self._engine
+        notify = engine.config.notify
+        if conn is not None:
+            with engine.transaction(conn) as c:
+                return self._start_single(
+                    c, request, input_text, channel=engine.channel if notify else None, direct=False
+                )[0]
+        with engine.notifying() as inline, engine.single() as c:
+            instance, started = self._start_single(
+                c,
+                request,
+                input_text,
+                channel=engine.channel if notify and inline else None,
+                direct=notify and inline and engine.config.direct_dispatch,
+            )
+        if started and not inline:
+            engine.announce_later([instance.namespace])
+        return instance
+
+    def _start_single(
+        self,
+        c: psycopg.Connection[Any],
+        request: StartWorkflowRequest,
+        input_text: str,
+        *,
+        channel: str | None,
+        direct: bool,
+    ) -> tuple[WorkflowInstance, bool]:
+        """Start one workflow (workflow_start_one); return its instance and whether this started it.
+
+        ``direct``: the start may lease its task to an idle worker. It sends the statement that can
+        (workflow_start_direct) only while the engine expects one to wait (Engine.expect_waiting):
+        with nobody waiting, that statement's claim and lease parts would cost about as much as the
+        start itself. Both statements tell whether a worker waited, for the next start to choose.
+        """
+        engine = self._engine
+        fresh = False
+        while True:
+            definition = self._definitions_of(c, [(request, input_text)], fresh=fresh)[
+                (request.namespace, request.workflow_name, request.version)
+            ]
+            if definition is None:
+                return self._existing(c, request), False
+            plan = engine.start_plan(definition, _start_plan)
+            params = start_one_parameters(request, input_text, definition, plan, channel)
+            row = engine.repos.instances.workflow_start_one(
+                c, params, direct=direct and engine.expect_waiting
+            )
+            engine.expect_waiting = row["waiting"]
+            if not row["stale"]:
+                break
+            # as in _start_many: plan again on the latest version read now
+            fresh = True
+        if row["instance_id"] is None:
+            return self._existing(c, request), False
+        instance = WorkflowInstance(
+            instance_id=row["instance_id"],
+            namespace=request.namespace,
+            workflow_name=request.workflow_name,
+            workflow_version=definition.version,
+            run_id=request.run_id,
+            state=W.RUNNING,
+            input=json.loads(input_text),
+            output=None,
+            # a task leased in the start (direct dispatch) added its TASK_STARTED
+            sequence_number=plan.sequence_number + row["granted"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+        return instance, True
 
     def _start_many(
         self,
@@ -197,17 +281,7 @@ class WorkflowCoordinator:
                 if definition is not None:
                     batch.add(request, input_text, definition, order)
             rows = self._engine.repos.instances.workflow_start_many(
-                c,
-                batch.instances,
-                batch.plan_texts,
-                channel=channel,
-                # in a host's transaction a lease would tick before the host commits, and a start that
-                # does not notify itself could not tell the worker: those leave the task to a poll. So
-                # do batches: only a start of one workflow can make exactly one task ready
-                direct=channel is not None
-                and not in_transaction
-                and len(batch.instances) == 1
-                and self._engine.config.direct_dispatch,
+                c, batch.instances, batch.plan_texts, channel=channel
             )
             if not rows[0]["stale"]:
                 break
@@ -218,31 +292,24 @@ class WorkflowCoordinator:
         started = batch.started(rows)
         if announce is not None:
             announce.update(instance.namespace for instance in started.values())
-        return self._instances_of(c, checked, started)
+        return [
+            started.get((request.namespace, request.workflow_name, request.run_id))
+            or self._existing(c, request)
+            for request, _ in checked
+        ]
 
-    def _instances_of(
-        self,
-        c: psycopg.Connection[Any],
-        checked: list[tuple[StartWorkflowRequest, str]],
-        started: dict[tuple[str, str, str], WorkflowInstance],
-    ) -> list[WorkflowInstance]:
-        """Return each request's instance: the one just started, else the one its run_id started before."""
-        out = []
-        for request, _ in checked:
-            instance = started.get((request.namespace, request.workflow_name, request.run_id))
-            if instance is None:
-                # started before (or by a concurrent caller, whose commit ON CONFLICT waited for)
-                row = self._engine.repos.instances.workflow_get_by_run_id(
-                    c, request.namespace, request.workflow_name, request.run_id
-                )
-                if row is None:
-                    version = "latest version" if request.version is None else f"version {request.version}"
-                    raise WorkflowNotFoundError(
-                        f"no workflow {request.namespace}/{request.workflow_name} {version}"
-                    )
-                instance = instance_from_row(row)
-            out.append(instance)
-        return out
+    def _existing(self, c: psycopg.Connection[Any], request: StartWorkflowRequest) -> WorkflowInstance:
+        """Return the instance that ``request``'s run_id started before; unknown workflows raise.
+
+        Started before, or by a concurrent caller, whose commit ON CONFLICT waited for.
+        """
+        row = self._engine.repos.instances.workflow_get_by_run_id(
+            c, request.namespace, request.workflow_name, request.run_id
+        )
+        if row is None:
+            version = "latest version" if request.version is None else f"version {request.version}"
+            raise WorkflowNotFoundError(f"no workflow {request.namespace}/{request.workflow_name} {version}")
+        return instance_from_row(row)
 
     def _definitions_of(
         self, c: psycopg.Connection[Any], checked: list[tuple[StartWorkflowRequest, str]], *, fresh: bool
@@ -428,7 +495,7 @@ class _StartBatch:
     start sends its input once and no per-task or per-event documents.
     """
 
-    def __init__(self, plan_of: Callable[[WorkflowDefinition], tuple[str, int]] | None = None) -> None:
+    def __init__(self, plan_of: Callable[[WorkflowDefinition], StartPlan] | None = None) -> None:
         self.instances: list[dict[str, Any]] = []
         self.plan_texts: list[str] = []
         self._plan_of = plan_of or _start_plan  # the coordinator's goes through the engine's cache
@@ -442,9 +509,9 @@ class _StartBatch:
         key = (definition.namespace, definition.name, definition.version)
         plan = self._plans.get(key)
         if plan is None:
-            text, sequence_number = self._plan_of(definition)
-            plan = self._plans[key] = (len(self.plan_texts), sequence_number)
-            self.plan_texts.append(text)
+            made = self._plan_of(definition)
+            plan = self._plans[key] = (len(self.plan_texts), made.sequence_number)
+            self.plan_texts.append(made.text)
         instance_id, *execution_ids = new_id_texts(1 + len(definition.tasks))
         workflow_input = json.loads(input_text)
         self._meta[instance_id] = (request, workflow_input, definition.version, plan[1])
@@ -470,8 +537,6 @@ class _StartBatch:
             if row["instance_id"] is None:
                 continue  # the row of NULLs: nothing was started
             request, workflow_input, version, sequence_number = self._meta[str(row["instance_id"])]
-            # a task leased in the start (direct dispatch, one instance only) added its TASK_STARTED
-            sequence_number += row.get("granted", 0)
             out[(request.namespace, request.workflow_name, request.run_id)] = WorkflowInstance(
                 instance_id=row["instance_id"],
                 namespace=request.namespace,
@@ -488,8 +553,47 @@ class _StartBatch:
         return out
 
 
-def _start_plan(definition: WorkflowDefinition) -> tuple[str, int]:
-    """Return a definition's start plan as JSON, and the sequence number of its last start event.
+def start_one_parameters(
+    request: StartWorkflowRequest,
+    input_text: str,
+    definition: WorkflowDefinition,
+    plan: StartPlan,
+    channel: str | None,
+) -> dict[str, Any]:
+    """Return what workflow_start_one (and workflow_start_direct) is sent to start ``request``."""
+    instance_id, *execution_ids = new_id_texts(1 + len(definition.tasks))
+    return {
+        "instance_id": instance_id,
+        "namespace": request.namespace,
+        "workflow_name": request.workflow_name,
+        "workflow_version": definition.version,
+        "run_id": request.run_id,
+        "input": input_text,
+        "latest": request.version is None,
+        "sequence_number": plan.sequence_number,
+        "pending_tasks": plan.pending_tasks,
+        "tasks": plan.tasks,
+        # an array literal: psycopg inspects a list's items to choose how to send it
+        "execution_ids": "{" + ",".join(execution_ids) + "}",
+        "channel": channel,
+    }
+
+
+class StartPlan(NamedTuple):
+    """What the start statements are sent of a definition, made once per definition (Engine.start_plan)."""
+
+    #: the whole plan as JSON, for workflow_start_many: sequence_number, pending_tasks and tasks
+    text: str
+    #: the plan's "tasks" array as JSON, for workflow_start_one
+    tasks: str
+    #: the sequence number of the last start event
+    sequence_number: int
+    #: how many tasks the instance has to finish
+    pending_tasks: int
+
+
+def _start_plan(definition: WorkflowDefinition) -> StartPlan:
+    """Return a definition's start plan.
 
     Event 1 is WORKFLOW_STARTED; each root task (no dependencies) gets the next number for its
     TASK_SCHEDULED event, in definition order.
@@ -511,4 +615,4 @@ def _start_plan(definition: WorkflowDefinition) -> tuple[str, int]:
             }
         )
     plan = {"sequence_number": sequence_number, "pending_tasks": len(definition.tasks), "tasks": tasks}
-    return json.dumps(plan), sequence_number
+    return StartPlan(json.dumps(plan), json.dumps(tasks), sequence_number, len(definition.tasks))

@@ -19,18 +19,20 @@ class InstanceRepository(Repository):
         plan_texts: list[str],
         *,
         channel: str | None,
-        direct: bool = False,
     ) -> list[Row]:
-        """Start the instances; ``plan_texts`` are JSON plans, which each instance's "plan" indexes.
+        """Start the instances; ``plan_texts`` are JSON plans, which each instance's "plan" indexes."""
+        return self._all(conn, "workflow_start_many", self.start_parameters(instances, plan_texts, channel))
 
-        ``direct``: lease a lone ready task to an idle worker in this statement (direct dispatch).
+    def workflow_start_one(
+        self, conn: psycopg.Connection[Any], params: dict[str, Any], *, direct: bool
+    ) -> Row:
+        """Start one workflow (the parameters of workflow_start_one); always returns a row.
+
+        ``direct``: lease its lone ready task to an idle worker in this statement (direct dispatch).
         """
-        if not direct:
-            return self._all(
-                conn, "workflow_start_many", self.start_parameters(instances, plan_texts, channel)
-            )
-        instances = [{**instances[0], "direct": True}, *instances[1:]]
-        return self._all(conn, "workflow_start_direct", self.start_parameters(instances, plan_texts, channel))
+        row = self._one(conn, "workflow_start_direct" if direct else "workflow_start_one", params)
+        assert row is not None  # both statements always return one row
+        return row
 
     def announce(self, conn: psycopg.Connection[Any], channel: str, namespaces: list[str]) -> None:
         """Wake idle workers of ``namespaces``; send it in a transaction of its own (``Engine.single``)."""

@@ -140,52 +140,98 @@ SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM tasks) A
        (SELECT count(*) FROM stale) AS stale
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
 
--- name: workflow_start_direct
--- workflow_start_many for a start of one workflow outside a host transaction that notifies itself,
--- with direct dispatch (migration 0007) added; see workflow_start_many for the rest. A statement of
--- its own, so that the starts that cannot be dispatched (batches, starts in a host's transaction,
--- those that leave their notification to the announcer) do not pay for it.
--- When the instance asks for it (`direct`) and makes exactly one task ready, a slot of a live idle
--- worker that takes that task is claimed (its listener connection holds lock_key, so this transaction cannot take
--- that lock; SKIP LOCKED, so starts never wait for each other here), the task is inserted leased to
--- it (RUNNING, fence token 1, its lease row, a TASK_STARTED event after the TASK_SCHEDULED, the
--- instance's sequence one further), and the worker is told the execution id on its own channel
--- instead of waking every worker. A run_id that exists already claims nothing; one inserted by a
--- concurrent start in between loses the claimed slot until the worker resets its count.
--- Always returns a row: the started instances' ids and timestamps (the caller knows the rest), or
--- one row of NULLs that carries the counts.
-WITH requested AS (
-    SELECT * FROM jsonb_to_recordset(%(instances)s::jsonb) AS r(
-        instance_id uuid, namespace text, workflow_name text, workflow_version integer, run_id text,
-        input jsonb, ord integer, latest boolean, plan integer, execution_ids uuid[], direct boolean)
-), plans AS (
-    SELECT p.n - 1 AS plan, (p.value ->> 'sequence_number')::bigint AS sequence_number,
-           (p.value ->> 'pending_tasks')::integer AS pending_tasks, p.value -> 'tasks' AS tasks
-    FROM jsonb_array_elements(%(plans)s::jsonb) WITH ORDINALITY AS p(value, n)
-), stale AS (
-    -- once per workflow, not per instance: a batch usually starts many runs of one workflow
+-- name: workflow_start_one
+-- Start one workflow: workflow_start_many for a single instance, whose columns are parameters of
+-- their own (no document of instances to unpack and join to the plans: a start of one workflow
+-- cost about a third more server CPU through workflow_start_many). tasks is the "tasks" array of
+-- the definition's plan (see workflow_start_many), execution_ids the ids of its tasks in plan order
+-- (an array), sequence_number and pending_tasks the plan's. latest, stale, channel: as in workflow_start_many.
+-- waiting says whether an idle worker waited for a task (waiting_workers, free > 0) as the statement
+-- began: the caller's cue to send its next start as workflow_start_direct, which can lease the task
+-- to that worker in the start (see Engine.expect_waiting).
+-- Always returns one row: the started instance's id and timestamps (the caller knows the rest), or
+-- NULLs (the run_id exists, or stale) beside the counts.
+WITH stale AS (
     SELECT 1
-    FROM (SELECT DISTINCT q.namespace, q.workflow_name, q.workflow_version FROM requested q WHERE q.latest) l
-    WHERE l.workflow_version IS DISTINCT FROM (
+    WHERE %(latest)s::boolean AND %(workflow_version)s::integer IS DISTINCT FROM (
         SELECT max(d.version) FROM {schema}.workflow_definitions d
-        WHERE d.namespace = l.namespace AND d.name = l.workflow_name)
+        WHERE d.namespace = %(namespace)s::text AND d.name = %(workflow_name)s::text)
+), started AS (
+    INSERT INTO {schema}.workflow_instances
+        (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
+         pending_tasks)
+    SELECT %(instance_id)s::uuid, %(namespace)s::text, %(workflow_name)s::text, %(workflow_version)s::integer,
+           %(run_id)s::text, 'RUNNING', %(input)s::jsonb, %(sequence_number)s::bigint, %(pending_tasks)s::integer
+    WHERE NOT EXISTS (SELECT FROM stale)
+    ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
+    RETURNING instance_id, namespace, input, created_at, updated_at
+), planned AS (
+    SELECT s.instance_id, s.namespace, s.input, (%(execution_ids)s::uuid[])[t.n] AS execution_id, t.*
+    FROM started s
+    CROSS JOIN LATERAL jsonb_to_recordset(%(tasks)s::jsonb) AS t(
+        n integer, task_id text, task_type text, max_attempts integer, depends_on text[], timeout_ms bigint,
+        seq bigint)
+), tasks AS (
+    INSERT INTO {schema}.task_executions
+        (execution_id, workflow_instance_id, namespace, task_id, task_type, kind, idempotency_key,
+         attempt_number, lapse_count, max_attempts, state, depends_on, deps_remaining, input, timeout, ready_at)
+    SELECT t.execution_id, t.instance_id, t.namespace, t.task_id, t.task_type, 'FORWARD',
+           t.instance_id || ':' || t.task_id || ':1', 1, 0, t.max_attempts,
+           CASE WHEN t.seq IS NULL THEN 'PENDING' ELSE 'READY' END, t.depends_on, cardinality(t.depends_on),
+           CASE WHEN t.seq IS NOT NULL
+                THEN jsonb_build_object('workflow', t.input, 'dependencies', jsonb_build_object()) END,
+           make_interval(secs => t.timeout_ms / 1000.0), CASE WHEN t.seq IS NOT NULL THEN now() END
+    FROM planned t
+), logged AS (
+    INSERT INTO {schema}.events
+        (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
+    SELECT gen_random_uuid(), s.instance_id, 1, 'WORKFLOW_STARTED',
+           jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
+           s.instance_id || ':started'
+    FROM started s
+    UNION ALL
+    SELECT gen_random_uuid(), t.instance_id, t.seq, 'TASK_SCHEDULED',
+           jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
+           t.instance_id || ':scheduled:' || t.execution_id || ':0'
+    FROM planned t
+    WHERE t.seq IS NOT NULL
+), woken AS (
+    SELECT pg_notify(%(channel)s::text, s.namespace) FROM started s WHERE %(channel)s::text IS NOT NULL
+)
+-- (the data-modifying parts run whether read or not; woken, a plain SELECT, only when read)
+SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM woken) AS notified,
+       (SELECT count(*) FROM stale) AS stale, 0 AS granted,
+       EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0) AS waiting
+FROM (SELECT) AS one_row LEFT JOIN started s ON true
+
+-- name: workflow_start_direct
+-- workflow_start_one (same parameters and row) with direct dispatch (migration 0007) added: the
+-- statement of a start of one workflow outside a host transaction that notifies itself, while idle
+-- workers are about (see Engine.expect_waiting). A statement of its own, so that the other starts do
+-- not pay for it: its claim, lease and notice parts cost about as much server CPU as the rest.
+-- When the start makes exactly one task ready, a slot of a live idle worker that takes that task is
+-- claimed (its listener connection holds lock_key, so this transaction cannot take that lock; SKIP
+-- LOCKED, so starts never wait for each other here), the task is inserted leased to it (RUNNING,
+-- fence token 1, its lease row, a TASK_STARTED event after the TASK_SCHEDULED, the instance's
+-- sequence one further), and the worker is told the execution id on its own channel instead of
+-- waking every worker. A run_id that exists already claims nothing; one inserted by a concurrent
+-- start in between loses the claimed slot until the worker resets its count.
+WITH stale AS (
+    SELECT 1
+    WHERE %(latest)s::boolean AND %(workflow_version)s::integer IS DISTINCT FROM (
+        SELECT max(d.version) FROM {schema}.workflow_definitions d
+        WHERE d.namespace = %(namespace)s::text AND d.name = %(workflow_name)s::text)
 ), direct AS (
-    SELECT q.namespace, t.task_type
-    FROM requested q
-    JOIN plans p ON p.plan = q.plan
-    CROSS JOIN LATERAL jsonb_to_recordset(p.tasks) AS t(task_type text, seq bigint)
-    -- asked for in the data, not by a parameter: custom plans could fold a parameter and look far
-    -- cheaper than the generic plan, and the statement would then be planned anew on every call
-    WHERE q.direct IS TRUE AND t.seq IS NOT NULL
-      -- one-time checks first: a start with nobody waiting (or of several workflows) probes nothing
+    SELECT t.task_type
+    FROM jsonb_to_recordset(%(tasks)s::jsonb) AS t(task_type text, seq bigint)
+    WHERE t.seq IS NOT NULL
+      -- one-time checks first: a start with nobody waiting probes nothing
       AND EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0)
-      AND (SELECT count(*) FROM requested) = 1 AND NOT EXISTS (SELECT FROM stale)
-      -- a probe of uk_idempotency per requested row: a scalar subquery is never made a join (which
-      -- the planner, costing jsonb_to_recordset at 100 rows, would run as a scan of every instance)
-      AND (SELECT count(*) FROM (
-              SELECT FROM {schema}.workflow_instances w
-              WHERE w.namespace = q.namespace AND w.workflow_name = q.workflow_name AND w.run_id = q.run_id
-              LIMIT 1) e) = 0
+      AND NOT EXISTS (SELECT FROM stale)
+      AND NOT EXISTS (
+          SELECT FROM {schema}.workflow_instances w
+          WHERE w.namespace = %(namespace)s::text AND w.workflow_name = %(workflow_name)s::text
+            AND w.run_id = %(run_id)s::text)
 ), claimed AS (
     UPDATE {schema}.waiting_workers w
     SET free = w.free - 1, granted = w.granted + 1
@@ -196,7 +242,7 @@ WITH requested AS (
           -- alive: its listener holds lock_key, so it cannot be taken even shared (taken, it is let
           -- go at once). CASE, so only a row that passes the other tests is tried
           AND CASE WHEN x.free > 0 AND x.seen_at > now() - interval '10 seconds'
-                        AND (x.namespace IS NULL OR x.namespace = d.namespace)
+                        AND (x.namespace IS NULL OR x.namespace = %(namespace)s::text)
                         AND d.task_type = ANY(x.task_types)
                    THEN NOT (pg_try_advisory_lock_shared(x.lock_key)
                              AND pg_advisory_unlock_shared(x.lock_key))
@@ -208,20 +254,17 @@ WITH requested AS (
     INSERT INTO {schema}.workflow_instances
         (instance_id, namespace, workflow_name, workflow_version, run_id, state, input, sequence_number,
          pending_tasks)
-    SELECT q.instance_id, q.namespace, q.workflow_name, q.workflow_version, q.run_id, 'RUNNING', q.input,
-           p.sequence_number + (SELECT count(*) FROM claimed), p.pending_tasks
-    FROM requested q JOIN plans p ON p.plan = q.plan
+    SELECT %(instance_id)s::uuid, %(namespace)s::text, %(workflow_name)s::text, %(workflow_version)s::integer,
+           %(run_id)s::text, 'RUNNING', %(input)s::jsonb,
+           %(sequence_number)s::bigint + (SELECT count(*) FROM claimed), %(pending_tasks)s::integer
     WHERE NOT EXISTS (SELECT FROM stale)
-    ORDER BY q.ord
     ON CONFLICT ON CONSTRAINT uk_idempotency DO NOTHING
-    RETURNING instance_id, namespace, workflow_version, run_id, input, created_at, updated_at
+    RETURNING instance_id, namespace, input, created_at, updated_at
 ), planned AS (
-    SELECT s.instance_id, s.namespace, s.input, q.execution_ids[t.n] AS execution_id, t.*,
+    SELECT s.instance_id, s.namespace, s.input, (%(execution_ids)s::uuid[])[t.n] AS execution_id, t.*,
            make_interval(secs => t.timeout_ms / 1000.0) AS timeout
     FROM started s
-    JOIN requested q ON q.instance_id = s.instance_id
-    JOIN plans p ON p.plan = q.plan
-    CROSS JOIN LATERAL jsonb_to_recordset(p.tasks) AS t(
+    CROSS JOIN LATERAL jsonb_to_recordset(%(tasks)s::jsonb) AS t(
         n integer, task_id text, task_type text, max_attempts integer, depends_on text[], timeout_ms bigint,
         seq bigint)
 ), tasks AS (
@@ -252,12 +295,11 @@ WITH requested AS (
     SELECT k.execution_id, k.workflow_instance_id, k.lease_holder, k.lease_expires_at, k.fence_token
     FROM tasks k
     WHERE k.lease_holder IS NOT NULL
-    RETURNING 1
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
     SELECT gen_random_uuid(), s.instance_id, 1, 'WORKFLOW_STARTED',
-           jsonb_build_object('run_id', s.run_id, 'workflow_version', s.workflow_version),
+           jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
            s.instance_id || ':started'
     FROM started s
     UNION ALL
@@ -275,20 +317,18 @@ WITH requested AS (
     FROM tasks k
     JOIN planned t ON t.execution_id = k.execution_id
     WHERE k.lease_holder IS NOT NULL
-    RETURNING 1
 ), told AS (
     SELECT pg_notify(g.channel, k.execution_id::text)
     FROM tasks k, claimed g
     WHERE k.lease_holder IS NOT NULL
 ), woken AS (
-    SELECT pg_notify(%(channel)s::text, n.namespace)
-    FROM (SELECT DISTINCT s.namespace FROM started s) AS n
+    SELECT pg_notify(%(channel)s::text, s.namespace)
+    FROM started s
     WHERE %(channel)s::text IS NOT NULL AND NOT EXISTS (SELECT FROM tasks k WHERE k.lease_holder IS NOT NULL)
 )
-SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM tasks) AS tasks_written,
-       (SELECT count(*) FROM logged) AS events_written, (SELECT count(*) FROM woken) AS notified,
+SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM woken) AS notified,
        (SELECT count(*) FROM stale) AS stale, (SELECT count(*) FROM told) AS granted,
-       (SELECT count(*) FROM leased) AS leases_written
+       EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0) AS waiting
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
 
 -- name: announce

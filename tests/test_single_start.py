@@ -1,0 +1,191 @@
+"""A start of one workflow: its own statement (workflow_start_one), and direct dispatch only when it can pay.
+
+``start_workflow`` sends ``workflow_start_one`` (the instance's columns as parameters of their own),
+or ``workflow_start_direct`` (the same plus the claim of an idle worker) while the engine expects a
+worker to wait; batches send ``workflow_start_many``. The three must write the same rows.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from helpers import NAMESPACE, Pool, query, register, wait_for
+
+from orchestrator_engine import (
+    EngineConfig,
+    RetryPolicy,
+    StartWorkflowRequest,
+    TaskDefinition,
+    WorkflowCoordinator,
+    create_pool,
+)
+from orchestrator_engine.worker import TaskContext, Worker
+
+SHAPE = [
+    TaskDefinition("root", timeout=timedelta(seconds=7), retry=RetryPolicy(max_attempts=4)),
+    TaskDefinition("other_root", task_type="other"),
+    TaskDefinition("left", depends_on=["root"]),
+    TaskDefinition("right", depends_on=["root", "other_root"], timeout=timedelta(milliseconds=1500)),
+    TaskDefinition("join", depends_on=["left", "right"], compensation="undo"),
+]
+
+#: columns that differ between two starts of the same definition whatever writes them
+_OWN = {
+    "instance_id",
+    "execution_id",
+    "workflow_instance_id",
+    "run_id",
+    "created_at",
+    "updated_at",
+    "ready_at",
+}
+
+
+def _written(pool: Pool, config: EngineConfig, instance_id: UUID) -> dict[str, Any]:
+    """What a start wrote for an instance, with its own ids and timestamps replaced by names."""
+    names = {str(instance_id): "I"}
+    tasks = query(
+        pool,
+        config,
+        "SELECT * FROM {}.task_executions WHERE workflow_instance_id = %s ORDER BY task_id",
+        instance_id,
+    )
+    for row in tasks:
+        names[str(row["execution_id"])] = f"<{row['task_id']}>"
+
+    def named(value: Any) -> Any:
+        text = str(value)
+        for raw, name in names.items():
+            text = text.replace(raw, name)
+        return text
+
+    (instance,) = query(
+        pool, config, "SELECT * FROM {}.workflow_instances WHERE instance_id = %s", instance_id
+    )
+    events = query(
+        pool,
+        config,
+        "SELECT sequence_number, event_type, payload, idempotency_key FROM {}.events"
+        " WHERE workflow_instance_id = %s ORDER BY sequence_number",
+        instance_id,
+    )
+    for event in events:
+        event["payload"].pop("run_id", None)
+    return {
+        "instance": {k: v for k, v in instance.items() if k not in _OWN},
+        "ready_at_set": [row["ready_at"] is not None for row in tasks],
+        "tasks": [{k: named(v) for k, v in row.items() if k not in _OWN} for row in tasks],
+        "events": [{k: named(v) for k, v in event.items()} for event in events],
+    }
+
+
+def test_a_single_start_writes_what_a_batch_start_writes(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig
+) -> None:
+    register(wc, "shape", SHAPE)
+    one = wc.start_workflow(StartWorkflowRequest(NAMESPACE, "shape", "one", {"n": 1}))
+    batch = wc.start_workflows(
+        [StartWorkflowRequest(NAMESPACE, "shape", f"batch-{i}", {"n": 1}) for i in range(2)]
+    )
+    written = [_written(pool, engine_config, i.instance_id) for i in (one, *batch)]
+    assert written[0] == written[1] == written[2]
+    states = {t["task_id"]: t["state"] for t in written[0]["tasks"]}
+    assert states == {
+        "join": "PENDING",
+        "left": "PENDING",
+        "other_root": "READY",
+        "right": "PENDING",
+        "root": "READY",
+    }
+    assert one.sequence_number == batch[0].sequence_number == written[0]["instance"]["sequence_number"] == 3
+    assert one.input == {"n": 1}
+    assert one.output is None
+
+
+def _recording(wc: WorkflowCoordinator, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, for each start of one workflow, whether it sent the statement that dispatches directly."""
+    sent: list[bool] = []
+    repo = wc.engine.repos.instances
+    start_one = repo.workflow_start_one
+
+    def spy(conn: psycopg.Connection[Any], params: dict[str, Any], *, direct: bool) -> Any:
+        sent.append(direct)
+        return start_one(conn, params, direct=direct)
+
+    monkeypatch.setattr(repo, "workflow_start_one", spy)
+    return sent
+
+
+def _free(pool: Pool, config: EngineConfig, worker: Worker) -> int | None:
+    rows = query(pool, config, "SELECT free FROM {}.waiting_workers WHERE worker_id = %s", worker.worker_id)
+    return rows[0]["free"] if rows else None
+
+
+def test_a_start_dispatches_directly_only_after_a_start_saw_a_worker_waiting(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(wc, "one", [TaskDefinition("work")])
+    sent = _recording(wc, monkeypatch)
+
+    def begin(run_id: str) -> UUID:
+        return wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", run_id)).instance_id
+
+    # nobody waits: the first start (the engine expects a worker at first) learns it, the next is lean
+    early = [begin("nobody-1"), begin("nobody-2")]
+    assert sent == [True, False]
+    done = threading.Event()
+    ran: list[str] = []
+
+    def handler(ctx: TaskContext) -> None:
+        ran.append(str(ctx.execution.workflow_instance_id))
+        done.set()
+
+    worker = Worker(pool, {"work": handler}, namespace=NAMESPACE, concurrency=2, config=engine_config)
+    with worker:
+        wait_for("the worker to run the early tasks", lambda: len(ran) == 2)
+        wait_for("the worker to wait", lambda: _free(pool, engine_config, worker) == 2)
+        # this start is lean, so a poll runs its task (the NOTIFY wakes the worker); it sees the
+        # worker waiting, so the one after it leases its task to the worker in the start
+        noticed = begin("noticed")
+        wait_for("the polled task to run", lambda: str(noticed) in ran)
+        wait_for("the worker to wait again", lambda: _free(pool, engine_config, worker) == 2)
+        dispatched = begin("dispatched")
+        wait_for("the dispatched task to run", lambda: str(dispatched) in ran)
+    assert sent == [True, False, False, True]
+    assert worker.stats.direct == 1
+    assert worker.stats.started == 4
+    assert {str(i) for i in early} <= set(ran)
+
+
+def test_the_start_statement_keeps_one_generic_plan_for_versioned_and_latest_starts(
+    engine_config: EngineConfig,
+) -> None:
+    # A parameter that the planner could fold (latest) must not make a custom plan look cheaper
+    # than the generic one, or PostgreSQL plans the statement again on every call
+    with create_pool(engine_config, min_size=1, max_size=1) as one_connection:
+        wc = WorkflowCoordinator(one_connection, engine_config)
+        register(wc, "one", [TaskDefinition("work")])
+        sent = wc.engine.repos.instances._q["workflow_start_one"].text.decode()
+
+        def plans_after(starts: range) -> tuple[int, int]:
+            for i in starts:
+                wc.start_workflow(
+                    StartWorkflowRequest(NAMESPACE, "one", f"r{i}", version=1 if i % 2 else None)
+                )
+            with one_connection.connection() as conn:
+                (row,) = conn.execute(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = %s",
+                    [sent],
+                ).fetchall()
+            return row[0], row[1]
+
+        # psycopg prepares a statement on its fifth run; PostgreSQL then plans the first five
+        # executions for their parameters before it compares those plans with the generic one
+        generic, custom = plans_after(range(20))
+        assert custom == 5
+        assert plans_after(range(20, 40)) == (generic + 20, 5), "each later start runs the generic plan"
