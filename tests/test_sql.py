@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
+from typing import Any
 
 import psycopg
+import pytest
 
+from orchestrator_engine.repositories.base import _cursor
 from orchestrator_engine.sql import _native, native_queries, raw_queries
 
 
@@ -31,3 +35,47 @@ def test_a_named_parameter_used_twice_is_sent_once(dsn: str) -> None:
     with psycopg.connect(dsn) as conn, psycopg.RawCursor(conn) as cur:
         cur.execute(native.text, [21, "ok"])
         assert cur.fetchone() == (42, "ok")
+
+
+def test_a_connections_kept_cursor_serves_one_statement_at_a_time(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with _cursor(conn) as kept:
+            with _cursor(conn) as inner:
+                assert inner is not kept, "a statement run while the kept cursor is taken gets its own"
+            taken_elsewhere: list[object] = []
+            other = threading.Thread(target=lambda: taken_elsewhere.append(_enter(conn)))
+            other.start()
+            other.join()
+            assert len(taken_elsewhere) == 1
+            assert taken_elsewhere[0] is not kept, "so does another thread's"
+        with _cursor(conn) as again:
+            assert again is kept, "once free it is reused"
+
+
+def _enter(conn: psycopg.Connection[Any]) -> object:
+    with _cursor(conn) as cur:
+        return cur
+
+
+def test_a_kept_cursor_holds_no_rows_after_its_statement(dsn: str) -> None:
+    # the rows are copied out by fetchall: the result (payloads and all) is freed at once
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with _cursor(conn) as cur:
+            cur.execute(b"SELECT repeat('x', 100000) FROM generate_series(1, 20)")
+            assert len(cur.fetchall()) == 20
+        assert cur.pgresult is not None
+        assert cur.pgresult.ntuples == 0
+        with _cursor(conn) as again:
+            assert again is cur
+            again.execute(b"SELECT 1")
+            assert again.fetchall() == [(1,)]
+
+
+def test_a_kept_cursor_is_reused_after_a_failed_statement(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero), _cursor(conn) as cur:
+            cur.execute(b"SELECT 1 / 0")
+        with _cursor(conn) as again:
+            assert again is cur
+            again.execute(b"SELECT 2")
+            assert again.fetchall() == [(2,)]
