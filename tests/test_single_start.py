@@ -7,14 +7,18 @@ worker to wait; batches send ``workflow_start_many``. The three must write the s
 
 from __future__ import annotations
 
+import gc
 import threading
-from datetime import timedelta
+import weakref
+from datetime import datetime, timedelta, timezone
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
 from helpers import NAMESPACE, Pool, query, register, wait_for
+from psycopg import sql
+from psycopg.rows import dict_row
 
 from orchestrator_engine import (
     EngineConfig,
@@ -189,3 +193,56 @@ def test_the_start_statement_keeps_one_generic_plan_for_versioned_and_latest_sta
         generic, custom = plans_after(range(20))
         assert custom == 5
         assert plans_after(range(20, 40)) == (generic + 20, 5), "each later start runs the generic plan"
+
+
+def test_a_start_through_a_host_connection_that_makes_dict_rows_works(
+    wc: WorkflowCoordinator, engine_config: EngineConfig
+) -> None:
+    register(wc, "one", [TaskDefinition("work")])
+    with psycopg.connect(engine_config.dsn, row_factory=dict_row) as host:
+        pinned = wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", "pinned", version=1), conn=host)
+        latest = wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", "latest"), conn=host)
+        again = wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", "pinned"), conn=host)
+        host.commit()
+    assert pinned.workflow_version == latest.workflow_version == 1
+    assert again.instance_id == pinned.instance_id
+    assert isinstance(wc.engine.expect_waiting, bool)
+
+
+def test_a_host_connection_dropped_without_close_is_freed_at_once(
+    wc: WorkflowCoordinator, engine_config: EngineConfig
+) -> None:
+    # the engine keeps a cursor only on its pool's connections: on a host's, the pair would be a
+    # reference cycle, and the server connection would stay open until the cycle collector ran
+    register(wc, "one", [TaskDefinition("work")])
+    gc.disable()
+    try:
+        host = psycopg.connect(engine_config.dsn, autocommit=True)
+        wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", "hosted"), conn=host)
+        gone = weakref.ref(host)
+        # psycopg warns when it finalises an open connection: here, as the last reference goes
+        with pytest.warns(ResourceWarning, match="deleted while still open"):
+            del host
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+def test_a_killed_workers_leftover_row_stops_drawing_the_direct_statement(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a killed worker's row stays (free > 0) until a live worker deletes it, a minute on; no start can
+    # claim it once it is ten seconds old, so it must not keep starts on the direct statement either
+    register(wc, "one", [TaskDefinition("work")])
+    sent = _recording(wc, monkeypatch)
+    with pool.connection() as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.waiting_workers (worker_id, namespace, task_types, free, lease_duration,"
+                " lock_key, channel, seen_at) VALUES (%s, %s, %s, 4, interval '30 seconds', 1, 'gone', %s)"
+            ).format(sql.Identifier(engine_config.schema)),
+            [uuid4(), NAMESPACE, ["work"], datetime.now(timezone.utc) - timedelta(seconds=11)],
+        )
+    for i in range(3):
+        wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", f"r{i}"))
+    assert sent == [True, False, False]

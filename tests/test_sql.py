@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from orchestrator_engine.repositories.base import _cursor
+from orchestrator_engine.repositories.base import _cursor, keep_cursor
 from orchestrator_engine.sql import _native, native_queries, raw_queries
 
 
@@ -39,6 +39,7 @@ def test_a_named_parameter_used_twice_is_sent_once(dsn: str) -> None:
 
 def test_a_connections_kept_cursor_serves_one_statement_at_a_time(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
+        keep_cursor(conn)
         with _cursor(conn) as kept:
             with _cursor(conn) as inner:
                 assert inner is not kept, "a statement run while the kept cursor is taken gets its own"
@@ -52,6 +53,15 @@ def test_a_connections_kept_cursor_serves_one_statement_at_a_time(dsn: str) -> N
             assert again is kept, "once free it is reused"
 
 
+def test_only_a_connection_the_engine_marked_keeps_a_cursor(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with _cursor(conn) as first:
+            pass
+        with _cursor(conn) as second:
+            assert second is not first
+        assert first.closed
+
+
 def _enter(conn: psycopg.Connection[Any]) -> object:
     with _cursor(conn) as cur:
         return cur
@@ -60,6 +70,7 @@ def _enter(conn: psycopg.Connection[Any]) -> object:
 def test_a_kept_cursor_holds_no_rows_after_its_statement(dsn: str) -> None:
     # the rows are copied out by fetchall: the result (payloads and all) is freed at once
     with psycopg.connect(dsn, autocommit=True) as conn:
+        keep_cursor(conn)
         with _cursor(conn) as cur:
             cur.execute(b"SELECT repeat('x', 100000) FROM generate_series(1, 20)")
             assert len(cur.fetchall()) == 20
@@ -73,6 +84,7 @@ def test_a_kept_cursor_holds_no_rows_after_its_statement(dsn: str) -> None:
 
 def test_a_kept_cursor_is_reused_after_a_failed_statement(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
+        keep_cursor(conn)
         with pytest.raises(psycopg.errors.DivisionByZero), _cursor(conn) as cur:
             cur.execute(b"SELECT 1 / 0")
         with _cursor(conn) as again:

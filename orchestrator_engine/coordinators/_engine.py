@@ -20,6 +20,7 @@ from ..config import EngineConfig
 from ..definitions import WorkflowDefinition
 from ..errors import WorkflowNotFoundError
 from ..repositories import Repositories
+from ..repositories.base import keep_cursor
 from ._unit import InstanceUnit
 
 log = logging.getLogger("orchestrator_engine.engine")
@@ -75,12 +76,14 @@ class Engine:
                 self._local.host_depth = depth
             return
         with self.pool.connection() as pooled, pooled.transaction():
+            keep_cursor(pooled)
             yield pooled
 
     @contextmanager
     def reading(self) -> Iterator[psycopg.Connection[Any]]:
         """Yield a pooled connection for reads that need no transaction of their own."""
         with self.pool.connection() as pooled:
+            keep_cursor(pooled)
             yield pooled
 
     @contextmanager
@@ -94,6 +97,7 @@ class Engine:
         """
         pooled = self.pool.getconn()
         try:
+            keep_cursor(pooled)
             if pooled.autocommit:
                 yield pooled
             else:

@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg.rows import tuple_row
 
 from .._errors_map import translate
 from ..errors import PayloadError
@@ -69,7 +70,7 @@ class _Reused:
     __slots__ = ("cursor", "taken")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.cursor: psycopg.RawCursor[tuple[Any, ...]] = psycopg.RawCursor(conn)
+        self.cursor: psycopg.RawCursor[tuple[Any, ...]] = psycopg.RawCursor(conn, row_factory=tuple_row)
         self.taken = threading.Lock()
 
 
@@ -77,22 +78,32 @@ class _Reused:
 _REUSED = "_orchestrator_engine_cursor"
 
 
+def keep_cursor(conn: psycopg.Connection[Any]) -> None:
+    """Let the repositories keep a cursor on ``conn``, a connection the engine took from its pool.
+
+    Only such connections: the kept cursor and its connection refer to each other, so a connection
+    the host drops without closing it would then stay open until Python's cycle collector runs
+    (pools close theirs); and the kept cursor has the connection's adapters as they were when it was
+    made, which for a pool's connections is once ``configure`` has run.
+    """
+    if getattr(conn, _REUSED, None) is None:
+        setattr(conn, _REUSED, _Reused(conn))
+
+
 @contextmanager
 def _cursor(conn: psycopg.Connection[Any]) -> Iterator[psycopg.RawCursor[tuple[Any, ...]]]:
-    """Yield a cursor on ``conn``: the one kept on the connection when it is free, else a new one.
+    """Yield a cursor on ``conn``: the one kept on it (see keep_cursor) when free, else a new one.
 
     A new cursor per statement set up its adapters anew, looking up a dumper for every parameter and
     a loader for every column: for a start of one workflow, about a seventh of its client CPU. The
     kept cursor serves one statement at a time (a host may share its connection between threads);
     a statement that finds it taken gets a cursor of its own. The rows are copied out by
     ``fetchall``, so the result is freed at once: a kept cursor holds no payloads between statements.
+    Rows are tuples whatever the connection's row factory (a host's may make dicts).
     """
     reused = getattr(conn, _REUSED, None)
-    if reused is None:
-        reused = _Reused(conn)
-        setattr(conn, _REUSED, reused)
-    if not reused.taken.acquire(blocking=False):
-        with psycopg.RawCursor(conn) as cur:
+    if reused is None or not reused.taken.acquire(blocking=False):
+        with psycopg.RawCursor(conn, row_factory=tuple_row) as cur:
             yield cur
         return
     try:

@@ -146,9 +146,11 @@ FROM (SELECT) AS one_row LEFT JOIN started s ON true
 -- cost about a third more server CPU through workflow_start_many). tasks is the "tasks" array of
 -- the definition's plan (see workflow_start_many), execution_ids the ids of its tasks in plan order
 -- (an array), sequence_number and pending_tasks the plan's. latest, stale, channel: as in workflow_start_many.
--- waiting says whether an idle worker waited for a task (waiting_workers, free > 0) as the statement
--- began: the caller's cue to send its next start as workflow_start_direct, which can lease the task
--- to that worker in the start (see Engine.expect_waiting).
+-- waiting says whether an idle worker of the namespace, seen in the last ten seconds (as a claim
+-- needs), offered a slot (waiting_workers, free > 0) as the statement began: the caller's cue to send
+-- its next start as workflow_start_direct, which can lease the task to that worker in the start (see
+-- Engine.expect_waiting). A killed worker's row, which stays until a live worker deletes it, stops
+-- counting ten seconds after its last rewrite.
 -- Always returns one row: the started instance's id and timestamps (the caller knows the rest), or
 -- NULLs (the run_id exists, or stale) beside the counts.
 WITH stale AS (
@@ -201,7 +203,9 @@ WITH stale AS (
 -- (the data-modifying parts run whether read or not; woken, a plain SELECT, only when read)
 SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM woken) AS notified,
        (SELECT count(*) FROM stale) AS stale, 0 AS granted,
-       EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0) AS waiting
+       EXISTS (SELECT FROM {schema}.waiting_workers x
+               WHERE x.free > 0 AND x.seen_at > now() - interval '10 seconds'
+                 AND (x.namespace IS NULL OR x.namespace = %(namespace)s::text)) AS waiting
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
 
 -- name: workflow_start_direct
@@ -226,7 +230,9 @@ WITH stale AS (
     FROM jsonb_to_recordset(%(tasks)s::jsonb) AS t(task_type text, seq bigint)
     WHERE t.seq IS NOT NULL
       -- one-time checks first: a start with nobody waiting probes nothing
-      AND EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0)
+      AND EXISTS (SELECT FROM {schema}.waiting_workers x
+                  WHERE x.free > 0 AND x.seen_at > now() - interval '10 seconds'
+                    AND (x.namespace IS NULL OR x.namespace = %(namespace)s::text))
       AND NOT EXISTS (SELECT FROM stale)
       AND NOT EXISTS (
           SELECT FROM {schema}.workflow_instances w
@@ -328,7 +334,9 @@ WITH stale AS (
 )
 SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM woken) AS notified,
        (SELECT count(*) FROM stale) AS stale, (SELECT count(*) FROM told) AS granted,
-       EXISTS (SELECT FROM {schema}.waiting_workers x WHERE x.free > 0) AS waiting
+       EXISTS (SELECT FROM {schema}.waiting_workers x
+               WHERE x.free > 0 AND x.seen_at > now() - interval '10 seconds'
+                 AND (x.namespace IS NULL OR x.namespace = %(namespace)s::text)) AS waiting
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
 
 -- name: announce
