@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -28,6 +29,7 @@ from orchestrator_engine import (
     WorkflowCoordinator,
     create_pool,
 )
+from orchestrator_engine.coordinators import _engine
 from orchestrator_engine.worker import TaskContext, Worker
 
 SHAPE = [
@@ -111,8 +113,15 @@ def test_a_single_start_writes_what_a_batch_start_writes(
     assert one.output is None
 
 
-def _recording(wc: WorkflowCoordinator, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Record, for each start of one workflow, whether it sent the statement that dispatches directly."""
+def _recording(
+    wc: WorkflowCoordinator, monkeypatch: pytest.MonkeyPatch, recheck: float = 3600.0
+) -> list[bool]:
+    """Record, for each start of one workflow, whether it sent the statement that dispatches directly.
+
+    ``recheck``: how long after a start that saw nobody waiting the next tries anyway (an hour: never,
+    in a test, unless it says otherwise).
+    """
+    monkeypatch.setattr(_engine, "DIRECT_RECHECK", recheck)
     sent: list[bool] = []
     repo = wc.engine.repos.instances
     start_one = repo.workflow_start_one
@@ -166,6 +175,19 @@ def test_a_start_dispatches_directly_only_after_a_start_saw_a_worker_waiting(
     assert {str(i) for i in early} <= set(ran)
 
 
+def test_a_start_long_after_one_that_saw_nobody_waiting_tries_direct_dispatch_again(
+    wc: WorkflowCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sparse starts, whose latency direct dispatch is for, try it whatever the last one saw
+    register(wc, "one", [TaskDefinition("work")])
+    sent = _recording(wc, monkeypatch, recheck=1.0)
+    for run_id in ("a", "b"):
+        wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", run_id))
+    time.sleep(1.1)
+    wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", "c"))
+    assert sent == [True, False, True]
+
+
 def test_the_start_statement_keeps_one_generic_plan_for_versioned_and_latest_starts(
     engine_config: EngineConfig,
 ) -> None:
@@ -206,7 +228,7 @@ def test_a_start_through_a_host_connection_that_makes_dict_rows_works(
         host.commit()
     assert pinned.workflow_version == latest.workflow_version == 1
     assert again.instance_id == pinned.instance_id
-    assert isinstance(wc.engine.expect_waiting, bool)
+    assert isinstance(wc.engine.expect_waiting(), bool)
 
 
 def test_a_host_connection_dropped_without_close_is_freed_at_once(

@@ -32,6 +32,9 @@ ANNOUNCE_INTERVAL = 0.005
 ANNOUNCER_IDLE_EXIT = 5.0
 #: the longest pause between two tries of a round that failed
 ANNOUNCE_RETRY_MAX = 2.0
+#: a start of one workflow tries to lease its task to an idle worker if the last one was longer ago
+#: than this, even if that one saw no worker waiting (see Engine.expect_waiting)
+DIRECT_RECHECK = 0.05
 
 
 def notify_channel(schema: str) -> str:
@@ -52,10 +55,10 @@ class Engine:
         self._latest: dict[tuple[str, str], int] = {}
         #: what a start sends of each cached definition, see start_plan
         self._start_plans: dict[tuple[str, str, int], Any] = {}
-        #: whether the last start of one workflow saw an idle worker waiting for a task: only then
-        #: does the next such start send the statement that can lease its task to one (see
-        #: WorkflowCoordinator._start_one). A hint, shared by this engine's threads; True at first
-        self.expect_waiting = True
+        #: whether the last start of one workflow saw an idle worker waiting for a task, and when
+        #: (see expect_waiting); a hint, shared by this engine's threads
+        self._saw_waiting = True
+        self._saw_at = 0.0
         self._lock = threading.Lock()
         self._local = threading.local()
         #: whether a write of this engine that notifies in its own transaction is in flight
@@ -125,6 +128,19 @@ class Engine:
             if inline:
                 with self._lock:
                     self._notifying = False
+
+    def expect_waiting(self) -> bool:
+        """Tell whether a start of one workflow should send the statement that can lease its task.
+
+        Yes if the last such start saw an idle worker waiting (workflow_start_one reports it), or if
+        that start was more than DIRECT_RECHECK ago: sparse starts, whose latency direct dispatch is
+        for, always try; while starts come faster, they pay for the claim only when it can succeed.
+        """
+        return self._saw_waiting or time.monotonic() - self._saw_at > DIRECT_RECHECK
+
+    def saw_waiting(self, waiting: bool) -> None:
+        """Record what a start of one workflow found: whether an idle worker waited as it began."""
+        self._saw_waiting, self._saw_at = waiting, time.monotonic()
 
     def announce_later(self, namespaces: Iterable[str]) -> None:
         """Wake idle workers of ``namespaces`` soon, from the announcer: call after the write committed."""
