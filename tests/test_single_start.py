@@ -228,7 +228,7 @@ def test_a_start_through_a_host_connection_that_makes_dict_rows_works(
         host.commit()
     assert pinned.workflow_version == latest.workflow_version == 1
     assert again.instance_id == pinned.instance_id
-    assert isinstance(wc.engine.expect_waiting(), bool)
+    assert isinstance(wc.engine.expect_waiting(NAMESPACE), bool)
 
 
 def test_a_host_connection_dropped_without_close_is_freed_at_once(
@@ -268,3 +268,25 @@ def test_a_killed_workers_leftover_row_stops_drawing_the_direct_statement(
     for i in range(3):
         wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", f"r{i}"))
     assert sent == [True, False, False]
+
+
+def test_the_hint_is_kept_per_namespace(
+    wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a worker waits in "busy" only: starts in "quiet", interleaved, must not keep those in "busy"
+    # off the statement that can lease to it
+    for namespace in ("quiet", "busy"):
+        register(wc, "one", [TaskDefinition("work")], namespace=namespace)
+    sent = _recording(wc, monkeypatch)
+    with pool.connection() as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.waiting_workers (worker_id, namespace, task_types, free, lease_duration,"
+                " lock_key, channel) VALUES (%s, 'busy', %s, 4, interval '30 seconds', 1, 'idle')"
+            ).format(sql.Identifier(engine_config.schema)),
+            [uuid4(), ["work"]],
+        )
+    for i in range(3):
+        for namespace in ("quiet", "busy"):
+            wc.start_workflow(StartWorkflowRequest(namespace, "one", f"r{i}"))
+    assert sent == [True, True, False, True, False, True]

@@ -35,6 +35,8 @@ ANNOUNCE_RETRY_MAX = 2.0
 #: a start of one workflow tries to lease its task to an idle worker if the last one was longer ago
 #: than this, even if that one saw no worker waiting (see Engine.expect_waiting)
 DIRECT_RECHECK = 0.05
+#: namespaces whose hint an engine keeps at most
+MAX_HINTS = 1024
 
 
 def notify_channel(schema: str) -> str:
@@ -55,10 +57,9 @@ class Engine:
         self._latest: dict[tuple[str, str], int] = {}
         #: what a start sends of each cached definition, see start_plan
         self._start_plans: dict[tuple[str, str, int], Any] = {}
-        #: whether the last start of one workflow saw an idle worker waiting for a task, and when
-        #: (see expect_waiting); a hint, shared by this engine's threads
-        self._saw_waiting = True
-        self._saw_at = 0.0
+        #: per namespace: whether the last start of one workflow saw an idle worker waiting for a
+        #: task, and when (see expect_waiting); a hint, shared by this engine's threads
+        self._hints: dict[str, tuple[bool, float]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         #: whether a write of this engine that notifies in its own transaction is in flight
@@ -129,18 +130,22 @@ class Engine:
                 with self._lock:
                     self._notifying = False
 
-    def expect_waiting(self) -> bool:
+    def expect_waiting(self, namespace: str) -> bool:
         """Tell whether a start of one workflow should send the statement that can lease its task.
 
-        Yes if the last such start saw an idle worker waiting (workflow_start_one reports it), or if
-        that start was more than DIRECT_RECHECK ago: sparse starts, whose latency direct dispatch is
-        for, always try; while starts come faster, they pay for the claim only when it can succeed.
+        Yes if the last such start in ``namespace`` saw an idle worker of it waiting (the start
+        statements report it), or if that start was more than DIRECT_RECHECK ago: sparse starts,
+        whose latency direct dispatch is for, always try; while starts come faster, they pay for the
+        claim only when it can succeed.
         """
-        return self._saw_waiting or time.monotonic() - self._saw_at > DIRECT_RECHECK
+        saw, at = self._hints.get(namespace, (True, 0.0))
+        return saw or time.monotonic() - at > DIRECT_RECHECK
 
-    def saw_waiting(self, waiting: bool) -> None:
-        """Record what a start of one workflow found: whether an idle worker waited as it began."""
-        self._saw_waiting, self._saw_at = waiting, time.monotonic()
+    def saw_waiting(self, namespace: str, waiting: bool) -> None:
+        """Record what a start of one workflow in ``namespace`` found: whether a worker waited."""
+        if len(self._hints) >= MAX_HINTS and namespace not in self._hints:
+            self._hints.clear()  # many namespaces: forgetting costs each one direct statement
+        self._hints[namespace] = (waiting, time.monotonic())
 
     def announce_later(self, namespaces: Iterable[str]) -> None:
         """Wake idle workers of ``namespaces`` soon, from the announcer: call after the write committed."""

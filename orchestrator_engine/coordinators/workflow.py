@@ -228,9 +228,9 @@ class WorkflowCoordinator:
             plan = engine.start_plan(definition, _start_plan)
             params = start_one_parameters(request, input_text, definition, plan, channel)
             row = engine.repos.instances.workflow_start_one(
-                c, params, direct=direct and engine.expect_waiting()
+                c, params, direct=direct and engine.expect_waiting(request.namespace)
             )
-            engine.saw_waiting(row["waiting"])
+            engine.saw_waiting(request.namespace, row["waiting"])
             if not row["stale"]:
                 break
             # as in _start_many: plan again on the latest version read now

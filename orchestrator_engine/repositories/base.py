@@ -81,10 +81,11 @@ _REUSED = "_orchestrator_engine_cursor"
 def keep_cursor(conn: psycopg.Connection[Any]) -> None:
     """Let the repositories keep a cursor on ``conn``, a connection the engine took from its pool.
 
-    Only such connections: the kept cursor and its connection refer to each other, so a connection
-    the host drops without closing it would then stay open until Python's cycle collector runs
-    (pools close theirs); and the kept cursor has the connection's adapters as they were when it was
-    made, which for a pool's connections is once ``configure`` has run.
+    The engine calls it on pool connections only, never on a connection the host brings: the kept
+    cursor and its connection refer to each other, so a connection the host drops without closing
+    it would stay open until Python's cycle collector runs (pools close theirs). The cursor stays
+    with the pooled connection when the host borrows it later (``ctx.transaction()``, say), and has
+    the connection's adapters as they were when the engine first used it: after ``configure``.
     """
     if getattr(conn, _REUSED, None) is None:
         setattr(conn, _REUSED, _Reused(conn))
