@@ -250,6 +250,22 @@ def test_a_host_connection_dropped_without_close_is_freed_at_once(
         gc.enable()
 
 
+def _waiting_row(pool: Pool, config: EngineConfig, namespace: str, *, seen: datetime) -> None:
+    """Write a waiting_workers row offering 4 slots for "work", last rewritten at ``seen``.
+
+    Nobody holds its lock, so no start can claim it: these tests look only at which statement a
+    start sends.
+    """
+    with pool.connection() as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.waiting_workers (worker_id, namespace, task_types, free, lease_duration,"
+                " lock_key, channel, seen_at) VALUES (%s, %s, %s, 4, interval '30 seconds', 1, 'nobody', %s)"
+            ).format(sql.Identifier(config.schema)),
+            [uuid4(), namespace, ["work"], seen],
+        )
+
+
 def test_a_killed_workers_leftover_row_stops_drawing_the_direct_statement(
     wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,14 +273,7 @@ def test_a_killed_workers_leftover_row_stops_drawing_the_direct_statement(
     # claim it once it is ten seconds old, so it must not keep starts on the direct statement either
     register(wc, "one", [TaskDefinition("work")])
     sent = _recording(wc, monkeypatch)
-    with pool.connection() as conn:
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {}.waiting_workers (worker_id, namespace, task_types, free, lease_duration,"
-                " lock_key, channel, seen_at) VALUES (%s, %s, %s, 4, interval '30 seconds', 1, 'gone', %s)"
-            ).format(sql.Identifier(engine_config.schema)),
-            [uuid4(), NAMESPACE, ["work"], datetime.now(timezone.utc) - timedelta(seconds=11)],
-        )
+    _waiting_row(pool, engine_config, NAMESPACE, seen=datetime.now(timezone.utc) - timedelta(seconds=11))
     for i in range(3):
         wc.start_workflow(StartWorkflowRequest(NAMESPACE, "one", f"r{i}"))
     assert sent == [True, False, False]
@@ -278,14 +287,7 @@ def test_the_hint_is_kept_per_namespace(
     for namespace in ("quiet", "busy"):
         register(wc, "one", [TaskDefinition("work")], namespace=namespace)
     sent = _recording(wc, monkeypatch)
-    with pool.connection() as conn:
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {}.waiting_workers (worker_id, namespace, task_types, free, lease_duration,"
-                " lock_key, channel) VALUES (%s, 'busy', %s, 4, interval '30 seconds', 1, 'idle')"
-            ).format(sql.Identifier(engine_config.schema)),
-            [uuid4(), ["work"]],
-        )
+    _waiting_row(pool, engine_config, "busy", seen=datetime.now(timezone.utc))
     for i in range(3):
         for namespace in ("quiet", "busy"):
             wc.start_workflow(StartWorkflowRequest(namespace, "one", f"r{i}"))
