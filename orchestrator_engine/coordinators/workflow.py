@@ -237,21 +237,11 @@ class WorkflowCoordinator:
             fresh = True
         if row["instance_id"] is None:
             return self._existing(c, request), False
-        instance = WorkflowInstance(
-            instance_id=row["instance_id"],
-            namespace=request.namespace,
-            workflow_name=request.workflow_name,
-            workflow_version=definition.version,
-            run_id=request.run_id,
-            state=W.RUNNING,
-            input=json.loads(input_text),
-            output=None,
-            # a task leased in the start (direct dispatch) added its TASK_STARTED
-            sequence_number=plan.sequence_number + row["granted"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-        )
-        return instance, True
+        # a task leased in the start (direct dispatch) added its TASK_STARTED
+        sequence_number = plan.sequence_number + row["granted"]
+        return _started_instance(
+            request, definition.version, json.loads(input_text), sequence_number, row
+        ), True
 
     def _start_many(
         self,
@@ -537,20 +527,33 @@ class _StartBatch:
             if row["instance_id"] is None:
                 continue  # the row of NULLs: nothing was started
             request, workflow_input, version, sequence_number = self._meta[str(row["instance_id"])]
-            out[(request.namespace, request.workflow_name, request.run_id)] = WorkflowInstance(
-                instance_id=row["instance_id"],
-                namespace=request.namespace,
-                workflow_name=request.workflow_name,
-                workflow_version=version,
-                run_id=request.run_id,
-                state=W.RUNNING,
-                input=workflow_input,
-                output=None,
-                sequence_number=sequence_number,
-                created_at=row["created_at"],
-                updated_at=row["updated_at"],
+            out[(request.namespace, request.workflow_name, request.run_id)] = _started_instance(
+                request, version, workflow_input, sequence_number, row
             )
         return out
+
+
+def _started_instance(
+    request: StartWorkflowRequest,
+    version: int,
+    workflow_input: Any,
+    sequence_number: int,
+    row: dict[str, Any],
+) -> WorkflowInstance:
+    """Return the instance a start statement inserted: its row holds only the id and timestamps."""
+    return WorkflowInstance(
+        instance_id=row["instance_id"],
+        namespace=request.namespace,
+        workflow_name=request.workflow_name,
+        workflow_version=version,
+        run_id=request.run_id,
+        state=W.RUNNING,
+        input=workflow_input,
+        output=None,
+        sequence_number=sequence_number,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
 
 
 def start_one_parameters(
