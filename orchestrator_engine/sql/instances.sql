@@ -225,14 +225,17 @@ WITH stale AS (
     WHERE %(latest)s::boolean AND %(workflow_version)s::integer IS DISTINCT FROM (
         SELECT max(d.version) FROM {schema}.workflow_definitions d
         WHERE d.namespace = %(namespace)s::text AND d.name = %(workflow_name)s::text)
+), idle AS (
+    -- the probe workflow_start_one reports as waiting, read once: the gate below and the answer
+    SELECT EXISTS (SELECT FROM {schema}.waiting_workers x
+                   WHERE x.free > 0 AND x.seen_at > now() - interval '10 seconds'
+                     AND (x.namespace IS NULL OR x.namespace = %(namespace)s::text)) AS waiting
 ), direct AS (
     SELECT t.task_type
     FROM jsonb_to_recordset(%(tasks)s::jsonb) AS t(task_type text, seq bigint)
     WHERE t.seq IS NOT NULL
       -- one-time checks first: a start with nobody waiting probes nothing
-      AND EXISTS (SELECT FROM {schema}.waiting_workers x
-                  WHERE x.free > 0 AND x.seen_at > now() - interval '10 seconds'
-                    AND (x.namespace IS NULL OR x.namespace = %(namespace)s::text))
+      AND (SELECT i.waiting FROM idle i)
       AND NOT EXISTS (SELECT FROM stale)
       AND NOT EXISTS (
           SELECT FROM {schema}.workflow_instances w
@@ -334,9 +337,7 @@ WITH stale AS (
 )
 SELECT s.instance_id, s.created_at, s.updated_at, (SELECT count(*) FROM woken) AS notified,
        (SELECT count(*) FROM stale) AS stale, (SELECT count(*) FROM told) AS granted,
-       EXISTS (SELECT FROM {schema}.waiting_workers x
-               WHERE x.free > 0 AND x.seen_at > now() - interval '10 seconds'
-                 AND (x.namespace IS NULL OR x.namespace = %(namespace)s::text)) AS waiting
+       (SELECT i.waiting FROM idle i) AS waiting
 FROM (SELECT) AS one_row LEFT JOIN started s ON true
 
 -- name: announce
