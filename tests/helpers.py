@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -337,7 +338,27 @@ def assert_every_history_valid(pool: Pool, config: EngineConfig) -> int:
     ids = [row["instance_id"] for row in query(pool, config, "SELECT instance_id FROM {}.workflow_instances")]
     for instance_id in ids:
         assert_history_valid(wc, instance_id)
+    assert_event_ids_follow_keys(pool, config)
     return len(ids)
+
+
+def event_id_for(idempotency_key: str) -> UUID:
+    """The id the engine gives an event: a name-based UUID (version 8, RFC 9562) of its idempotency key.
+
+    The first 16 bytes of the key's SHA-256, with the version nibble set to 8 and the variant nibble
+    to 8 (binary 10 in its top bits): written here from the definition, not from the engine's SQL.
+    """
+    digits = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+    return UUID(digits[:12] + "8" + digits[13:16] + "8" + digits[17:])
+
+
+def assert_event_ids_follow_keys(pool: Pool, config: EngineConfig) -> int:
+    """Assert that every event's id is event_id_for(its idempotency key); return how many were checked."""
+    rows = query(pool, config, "SELECT event_id, idempotency_key FROM {}.events")
+    wrong = [r for r in rows if r["event_id"] != event_id_for(r["idempotency_key"])]
+    assert not wrong, f"{len(wrong)} of {len(rows)} event ids do not follow their keys: {wrong[:3]}"
+    assert len({r["event_id"] for r in rows}) == len(rows), "two events share an id"
+    return len(rows)
 
 
 # -- direct reads of the engine's tables ---------------------------------------------------------

@@ -21,7 +21,7 @@ from uuid import UUID
 
 import psycopg
 import pytest
-from helpers import Pool, query, wait_for, worker_process
+from helpers import Pool, assert_event_ids_follow_keys, query, wait_for, worker_process
 
 from orchestrator_engine import (
     EngineConfig,
@@ -79,6 +79,8 @@ def assert_invariants(pool: Pool, config: EngineConfig) -> None:
     with pool.connection() as conn:
         report = check_invariants(conn, schema=config.schema)
     assert report.ok, report.violations
+    # a start that leases its task writes the TASK_STARTED event itself, with the id a poll's would get
+    assert assert_event_ids_follow_keys(pool, config) > 0
 
 
 def test_an_idle_worker_gets_a_start_leased_to_it_in_the_start_itself(

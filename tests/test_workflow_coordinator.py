@@ -19,6 +19,7 @@ from helpers import (
     chain,
     complete,
     drive,
+    event_id_for,
     event_types,
     events_of,
     executions,
@@ -441,6 +442,33 @@ def test_history_is_numbered_from_one_without_gaps(wc: WorkflowCoordinator, tc: 
     assert [e.sequence_number for e in history] == list(range(1, len(history) + 1))
     assert history[-1].event_type == "WORKFLOW_COMPLETED"
     assert wc.get_workflow(instance.instance_id).sequence_number == len(history)
+
+
+def test_an_events_id_is_a_version_8_uuid_named_by_its_idempotency_key(
+    wc: WorkflowCoordinator, tc: TaskCoordinator, pool: Pool, engine_config: EngineConfig
+) -> None:
+    register(wc, "shop", diamond())
+    instance = start(wc, "shop")
+    drive(tc, new_worker())
+    history = wc.get_history(instance.instance_id)
+    keys = {
+        r["sequence_number"]: r["idempotency_key"]
+        for r in query(
+            pool,
+            engine_config,
+            "SELECT sequence_number, idempotency_key FROM {}.events WHERE workflow_instance_id = %s",
+            instance.instance_id,
+        )
+    }
+    assert len(history) == len(keys) == 14  # started, 3 per task, completed
+    for event in history:
+        assert event.event_id.version == 8
+        assert event.event_id.variant == uuid.RFC_4122
+        assert event.event_id == event_id_for(keys[event.sequence_number])
+    # the same key names the same id, whichever statement writes the event: the first event of a
+    # run is named by its instance alone
+    assert history[0].event_id == event_id_for(f"{instance.instance_id}:started")
+    assert len({e.event_id for e in history}) == len(history)
 
 
 def test_completed_workflow_output_maps_every_task_to_its_output(

@@ -133,13 +133,18 @@ WITH candidates AS MATERIALIZED (
 ), started AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), g.workflow_instance_id, g.event_sequence,
-           CASE g.kind WHEN 'FORWARD' THEN 'TASK_STARTED' ELSE 'COMPENSATION_TASK_STARTED' END,
-           jsonb_build_object('execution_id', g.execution_id, 'task_id', g.task_id, 'kind', g.kind,
-                              'attempt', g.attempt_number, 'worker_id', g.lease_holder,
-                              'fence_token', g.fence_token),
-           g.workflow_instance_id::text || ':started:' || g.execution_id::text || ':' || g.fence_token::text
-    FROM granted g
+    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    FROM (
+        SELECT g.workflow_instance_id, g.event_sequence,
+               CASE g.kind WHEN 'FORWARD' THEN 'TASK_STARTED' ELSE 'COMPENSATION_TASK_STARTED' END,
+               jsonb_build_object('execution_id', g.execution_id, 'task_id', g.task_id, 'kind', g.kind,
+                                  'attempt', g.attempt_number, 'worker_id', g.lease_holder,
+                                  'fence_token', g.fence_token),
+               g.workflow_instance_id::text || ':started:' || g.execution_id::text || ':'
+                   || g.fence_token::text AS idempotency_key
+        FROM granted g
+    ) v
     RETURNING 1
 ), bumped AS (
     UPDATE {schema}.workflow_instances w
@@ -432,9 +437,12 @@ WITH req AS MATERIALIZED (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), n.instance_id, n.seq, n.event_type, n.payload,
-           COALESCE(n.idempotency_key, n.instance_id || ':workflow_completed:' || n.seq)
+    SELECT overlay(overlay(encode(substr(sha256(textsend(k.idempotency_key)), 1, 16), 'hex')
+                           placing '8' from 13) placing '8' from 17)::uuid,
+           n.instance_id, n.seq, n.event_type, n.payload, k.idempotency_key
     FROM news n
+    CROSS JOIN LATERAL (SELECT COALESCE(n.idempotency_key, n.instance_id || ':workflow_completed:' || n.seq)
+                        AS idempotency_key) k
     RETURNING 1
 ), moved AS (
     UPDATE {schema}.workflow_instances w

@@ -18,8 +18,9 @@ SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s FO
 WITH appended AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), r.workflow_instance_id, r.sequence_number, r.event_type, r.payload,
-           r.idempotency_key
+    SELECT overlay(overlay(encode(substr(sha256(textsend(r.idempotency_key)), 1, 16), 'hex')
+                           placing '8' from 13) placing '8' from 17)::uuid,
+           r.workflow_instance_id, r.sequence_number, r.event_type, r.payload, r.idempotency_key
     FROM jsonb_to_recordset(%(events)s::jsonb)
         AS r(workflow_instance_id uuid, sequence_number bigint, event_type text, payload jsonb,
              idempotency_key text)
@@ -119,16 +120,20 @@ WITH requested AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), s.instance_id, 1, 'WORKFLOW_STARTED',
-           jsonb_build_object('run_id', s.run_id, 'workflow_version', s.workflow_version),
-           s.instance_id || ':started'
-    FROM started s
-    UNION ALL
-    SELECT gen_random_uuid(), t.instance_id, t.seq, 'TASK_SCHEDULED',
-           jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
-           t.instance_id || ':scheduled:' || t.execution_id || ':0'
-    FROM planned t
-    WHERE t.seq IS NOT NULL
+    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    FROM (
+        SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
+               jsonb_build_object('run_id', s.run_id, 'workflow_version', s.workflow_version),
+               s.instance_id || ':started' AS idempotency_key
+        FROM started s
+        UNION ALL
+        SELECT t.instance_id, t.seq, 'TASK_SCHEDULED',
+               jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
+               t.instance_id || ':scheduled:' || t.execution_id || ':0'
+        FROM planned t
+        WHERE t.seq IS NOT NULL
+    ) v
     RETURNING 1
 ), woken AS (
     SELECT pg_notify(%(channel)s::text, n.namespace)
@@ -187,16 +192,20 @@ WITH stale AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), s.instance_id, 1, 'WORKFLOW_STARTED',
-           jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
-           s.instance_id || ':started'
-    FROM started s
-    UNION ALL
-    SELECT gen_random_uuid(), t.instance_id, t.seq, 'TASK_SCHEDULED',
-           jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
-           t.instance_id || ':scheduled:' || t.execution_id || ':0'
-    FROM planned t
-    WHERE t.seq IS NOT NULL
+    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    FROM (
+        SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
+               jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
+               s.instance_id || ':started' AS idempotency_key
+        FROM started s
+        UNION ALL
+        SELECT t.instance_id, t.seq, 'TASK_SCHEDULED',
+               jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
+               t.instance_id || ':scheduled:' || t.execution_id || ':0'
+        FROM planned t
+        WHERE t.seq IS NOT NULL
+    ) v
 ), woken AS (
     SELECT pg_notify(%(channel)s::text, s.namespace) FROM started s WHERE %(channel)s::text IS NOT NULL
 )
@@ -307,25 +316,29 @@ WITH stale AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT gen_random_uuid(), s.instance_id, 1, 'WORKFLOW_STARTED',
-           jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
-           s.instance_id || ':started'
-    FROM started s
-    UNION ALL
-    SELECT gen_random_uuid(), t.instance_id, t.seq, 'TASK_SCHEDULED',
-           jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
-           t.instance_id || ':scheduled:' || t.execution_id || ':0'
-    FROM planned t
-    WHERE t.seq IS NOT NULL
-    UNION ALL
-    SELECT gen_random_uuid(), k.workflow_instance_id, t.seq + 1, 'TASK_STARTED',
-           jsonb_build_object('execution_id', k.execution_id, 'task_id', k.task_id, 'kind', k.kind,
-                              'attempt', k.attempt_number, 'worker_id', k.lease_holder,
-                              'fence_token', k.fence_token),
-           k.workflow_instance_id::text || ':started:' || k.execution_id::text || ':' || k.fence_token::text
-    FROM tasks k
-    JOIN planned t ON t.execution_id = k.execution_id
-    WHERE k.lease_holder IS NOT NULL
+    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    FROM (
+        SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
+               jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
+               s.instance_id || ':started' AS idempotency_key
+        FROM started s
+        UNION ALL
+        SELECT t.instance_id, t.seq, 'TASK_SCHEDULED',
+               jsonb_build_object('execution_id', t.execution_id, 'task_id', t.task_id, 'attempt', 1),
+               t.instance_id || ':scheduled:' || t.execution_id || ':0'
+        FROM planned t
+        WHERE t.seq IS NOT NULL
+        UNION ALL
+        SELECT k.workflow_instance_id, t.seq + 1, 'TASK_STARTED',
+               jsonb_build_object('execution_id', k.execution_id, 'task_id', k.task_id, 'kind', k.kind,
+                                  'attempt', k.attempt_number, 'worker_id', k.lease_holder,
+                                  'fence_token', k.fence_token),
+               k.workflow_instance_id::text || ':started:' || k.execution_id::text || ':' || k.fence_token::text
+        FROM tasks k
+        JOIN planned t ON t.execution_id = k.execution_id
+        WHERE k.lease_holder IS NOT NULL
+    ) v
 ), told AS (
     SELECT pg_notify(g.channel, k.execution_id::text)
     FROM tasks k, claimed g
