@@ -122,6 +122,13 @@ def check_invariants(
             r["workflow_instance_id"],
             f"{r['n']} {r['child']} rows of an instance that does not exist",
         )
+    for r in rows("check_instances_without_definition"):
+        flag(
+            "instance-has-definition",
+            r["instance_id"],
+            f"runs {r['namespace']}/{r['workflow_name']} version {r['workflow_version']}, "
+            "which is not registered",
+        )
     for r in rows("check_open_work_in_finished_workflows"):
         flag(
             "finished-has-no-open-work",

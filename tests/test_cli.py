@@ -176,6 +176,23 @@ def test_doctor_reports_rows_left_by_an_instance_deleted_around_the_engine(
     }
 
 
+def test_doctor_reports_an_instance_whose_definition_was_deleted_by_hand(
+    capsys: pytest.CaptureFixture[str], dsn: str, started: Any
+) -> None:
+    # no foreign key refuses it since 0008: the engine never deletes a definition, doctor checks
+    _, _, instance_id = started
+    assert run(capsys, "doctor", "--dsn", dsn)[0] == EXIT_OK
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "DELETE FROM orchestrator.workflow_definitions WHERE namespace = 'cli' AND name = 'order'"
+        )
+    code, text = run(capsys, "doctor", "--dsn", dsn)
+    assert code == EXIT_VIOLATIONS
+    lost = {line.strip() for line in text.splitlines() if "instance-has-definition" in line}
+    detail = "runs cli/order version 1, which is not registered"
+    assert lost == {f"VIOLATION instance-has-definition in {instance_id}: {detail}"}
+
+
 def test_doctor_reports_a_repeated_event_key_and_an_execution_key_that_does_not_match(
     capsys: pytest.CaptureFixture[str], dsn: str, started: Any
 ) -> None:

@@ -92,6 +92,15 @@ FROM (
 ) o
 GROUP BY o.child, o.workflow_instance_id
 
+-- name: check_instances_without_definition
+-- No foreign key since migration 0008: the engine starts instances only of definitions it has read,
+-- and never deletes one. An instance whose definition is gone lost it to a hand-made DELETE.
+SELECT w.instance_id, w.namespace, w.workflow_name, w.workflow_version
+FROM {schema}.workflow_instances w
+WHERE NOT EXISTS (SELECT FROM {schema}.workflow_definitions d
+                  WHERE d.namespace = w.namespace AND d.name = w.workflow_name
+                    AND d.version = w.workflow_version)
+
 -- name: check_open_work_in_finished_workflows
 SELECT e.workflow_instance_id, e.execution_id, e.state, w.state AS workflow_state
 FROM {schema}.task_executions e
