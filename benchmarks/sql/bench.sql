@@ -50,22 +50,28 @@ FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
      LATERAL (SELECT now() - interval '30 days' + g * interval '1 ms') AS at(t)
 
 -- name: history_events
--- The five events of a finished single-task workflow, with the engine's idempotency-key shapes.
+-- The five events of a finished single-task workflow, with the engine's idempotency keys and the
+-- event ids it names by them (see docs/reference/events.md).
 INSERT INTO {schema}.events
     (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key, created_at)
-SELECT gen_random_uuid(), i.id, s.seq, s.event_type,
-       jsonb_build_object('execution_id', md5('execution:' || g)::uuid, 'task_id', 't', 'attempt', 1),
-       i.id::text || ':' || s.key || ':' || CASE WHEN s.keyed THEN '' ELSE s.seq::text END,
-       now() - interval '30 days' + g * interval '1 ms'
-FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
-     LATERAL (SELECT md5('instance:' || g)::uuid) AS i(id),
-     LATERAL (VALUES
-         (1, 'WORKFLOW_STARTED', 'started', true),
-         (2, 'TASK_SCHEDULED', 'scheduled:' || md5('execution:' || g)::uuid::text, true),
-         (3, 'TASK_STARTED', 'started:' || md5('execution:' || g)::uuid::text || ':1', true),
-         (4, 'TASK_COMPLETED', 'completed:' || md5('execution:' || g)::uuid::text, true),
-         (5, 'WORKFLOW_COMPLETED', 'workflow_completed', false)
-     ) AS s(seq, event_type, key, keyed)
+SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+                       placing '8' from 13) placing '8' from 17)::uuid, v.*
+FROM (
+    SELECT i.id, s.seq, s.event_type,
+           jsonb_build_object('execution_id', x.id, 'task_id', 't', 'attempt', 1),
+           i.id::text || ':' || s.key AS idempotency_key,
+           now() - interval '30 days' + g * interval '1 ms'
+    FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
+         LATERAL (SELECT md5('instance:' || g)::uuid) AS i(id),
+         LATERAL (SELECT md5('execution:' || g)::uuid) AS x(id),
+         LATERAL (VALUES
+             (1, 'WORKFLOW_STARTED', 'started'),
+             (2, 'TASK_SCHEDULED', 'scheduled:' || x.id::text || ':0'),
+             (3, 'TASK_STARTED', 'started:' || x.id::text || ':1'),
+             (4, 'TASK_COMPLETED', 'completed:' || x.id::text),
+             (5, 'WORKFLOW_COMPLETED', 'workflow_completed:5')
+         ) AS s(seq, event_type, key)
+) v
 
 -- name: history_cycles_run
 SELECT count(*) FROM {schema}.workflow_instances WHERE run_id LIKE 'cycle-%%'
