@@ -133,7 +133,7 @@ WITH candidates AS MATERIALIZED (
 ), started AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
                            placing '8' from 13) placing '8' from 17)::uuid, v.*
     FROM (
         SELECT g.workflow_instance_id, g.event_sequence,
@@ -437,7 +437,7 @@ WITH req AS MATERIALIZED (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(textsend(k.idempotency_key)), 1, 16), 'hex')
+    SELECT overlay(overlay(encode(substr(sha256(convert_to(k.idempotency_key, 'UTF8')), 1, 16), 'hex')
                            placing '8' from 13) placing '8' from 17)::uuid,
            n.instance_id, n.seq, n.event_type, n.payload, k.idempotency_key
     FROM news n

@@ -18,7 +18,7 @@ SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s FO
 WITH appended AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(textsend(r.idempotency_key)), 1, 16), 'hex')
+    SELECT overlay(overlay(encode(substr(sha256(convert_to(r.idempotency_key, 'UTF8')), 1, 16), 'hex')
                            placing '8' from 13) placing '8' from 17)::uuid,
            r.workflow_instance_id, r.sequence_number, r.event_type, r.payload, r.idempotency_key
     FROM jsonb_to_recordset(%(events)s::jsonb)
@@ -120,7 +120,7 @@ WITH requested AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
                            placing '8' from 13) placing '8' from 17)::uuid, v.*
     FROM (
         SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
@@ -192,7 +192,7 @@ WITH stale AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
                            placing '8' from 13) placing '8' from 17)::uuid, v.*
     FROM (
         SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
@@ -316,7 +316,7 @@ WITH stale AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(textsend(v.idempotency_key)), 1, 16), 'hex')
+    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
                            placing '8' from 13) placing '8' from 17)::uuid, v.*
     FROM (
         SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
