@@ -191,6 +191,11 @@ def test_doctor_reports_an_instance_whose_definition_was_deleted_by_hand(
     lost = {line.strip() for line in text.splitlines() if "instance-has-definition" in line}
     detail = "runs cli/order version 1, which is not registered"
     assert lost == {f"VIOLATION instance-has-definition in {instance_id}: {detail}"}
+    # asked about that instance, doctor says why it cannot move on, beside the same violation
+    code, text = run(capsys, "doctor", str(instance_id), "--dsn", dsn)
+    assert code == EXIT_VIOLATIONS
+    assert f"VIOLATION instance-has-definition in {instance_id}: {detail}" in text
+    assert "its definition cli/order version 1 is not registered (deleted by hand?)" in text
 
 
 def test_doctor_reports_a_repeated_event_key_and_an_execution_key_that_does_not_match(

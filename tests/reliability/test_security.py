@@ -492,6 +492,13 @@ def test_engine_runs_under_the_documented_least_privilege_runtime_role(
         "UPDATE workflow_definitions": sql.SQL("UPDATE {} SET content_hash = 'x'").format(
             sql.Identifier(SCHEMA, "workflow_definitions")
         ),
+        # no foreign key refuses these since 0008: only the grants keep definitions
+        "DELETE FROM workflow_definitions": sql.SQL("DELETE FROM {}").format(
+            sql.Identifier(SCHEMA, "workflow_definitions")
+        ),
+        "TRUNCATE workflow_definitions": sql.SQL("TRUNCATE {}").format(
+            sql.Identifier(SCHEMA, "workflow_definitions")
+        ),
         "CREATE TABLE in the schema": sql.SQL("CREATE TABLE {} (id int)").format(
             sql.Identifier(SCHEMA, "sneaky")
         ),
