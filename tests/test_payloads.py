@@ -26,6 +26,7 @@ from helpers import (
 from orchestrator_engine import (
     EngineConfig,
     PayloadError,
+    StartWorkflowRequest,
     TaskCoordinator,
     TaskDefinition,
     TaskExecution,
@@ -128,6 +129,29 @@ ODD_BUT_VALID = {
     "empty": [{}, [], ""],
     "depth": nested(40),
 }
+
+
+def test_a_batch_start_keeps_odd_run_ids_and_inputs_exactly(wc: WorkflowCoordinator) -> None:
+    # a batch's document of instances is written out by hand around each input's checked text
+    register(wc, "pair", [TaskDefinition("first"), TaskDefinition("second", depends_on=["first"])])
+    run_ids = [
+        'quo"te',
+        "back\\slash",
+        "naïve ✓ 日本",
+        "🦆 𝄞",
+        "line\u2028sep",
+        '{"json": 1}',
+        "tab\tnew\nline",
+    ]
+    inputs: list[Any] = [ODD_BUT_VALID, None, "text", 2**63 + 1, [1, {"a": None}], {}, {"k": '"'}]
+    requests = [StartWorkflowRequest(NAMESPACE, "pair", r, i) for r, i in zip(run_ids, inputs, strict=True)]
+    started = wc.start_workflows(requests)
+    assert [(i.run_id, i.input) for i in started] == list(zip(run_ids, inputs, strict=True))
+    for instance, request in zip(started, requests, strict=True):
+        found = wc.find_workflow(NAMESPACE, "pair", request.run_id)
+        assert found is not None
+        assert (found.instance_id, found.input) == (instance.instance_id, request.input)
+    assert wc.start_workflows(requests) == started  # idempotent per run_id, as ever
 
 
 def test_odd_but_valid_json_round_trips_unchanged_through_every_stage(
