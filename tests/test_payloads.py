@@ -154,6 +154,21 @@ def test_a_batch_start_keeps_odd_run_ids_and_inputs_exactly(wc: WorkflowCoordina
     assert wc.start_workflows(requests) == started  # idempotent per run_id, as ever
 
 
+class _Disguised(str):
+    """A name whose formatting differs from its characters: a batch start must write the characters."""
+
+    def __format__(self, spec: str) -> str:
+        return 'x","workflow_name":"elsewhere'
+
+
+def test_a_batch_start_writes_the_names_it_checked_not_how_they_format(wc: WorkflowCoordinator) -> None:
+    register(wc, "pair", [TaskDefinition("first")])
+    requests = [StartWorkflowRequest(_Disguised(NAMESPACE), _Disguised("pair"), f"d-{i}") for i in range(2)]
+    started = wc.start_workflows(requests)
+    assert [(i.namespace, i.workflow_name) for i in started] == [(NAMESPACE, "pair")] * 2
+    assert all(wc.find_workflow(NAMESPACE, "pair", f"d-{i}") is not None for i in range(2))
+
+
 def test_odd_but_valid_json_round_trips_unchanged_through_every_stage(
     wc: WorkflowCoordinator, tc: TaskCoordinator
 ) -> None:

@@ -516,11 +516,13 @@ class _StartBatch:
         self._meta[instance_id] = (request, json.loads(input_text), definition.version, plan[1])
         ids = ",".join(f'"{e}"' for e in execution_ids)
         # written out here, not by json.dumps of a dict: the input goes in as the text its encoding
-        # checked (decoding it only to encode it again cost a tenth of a bulk start's client CPU), and
-        # namespaces and workflow names are plain names (check_name), safe inside quotes as they are
+        # checked (encoding it again inside the dict cost a tenth of a bulk start's client CPU), and
+        # namespaces and workflow names are plain names (check_name), safe inside quotes as they are.
+        # str.__str__: the characters the name check saw, even from a str subclass with a __format__
+        namespace, name = str.__str__(request.namespace), str.__str__(request.workflow_name)
         self.instances.append(
-            f'{{"instance_id":"{instance_id}","namespace":"{request.namespace}",'
-            f'"workflow_name":"{request.workflow_name}","workflow_version":{definition.version},'
+            f'{{"instance_id":"{instance_id}","namespace":"{namespace}",'
+            f'"workflow_name":"{name}","workflow_version":{definition.version},'
             f'"run_id":{json.dumps(request.run_id)},"input":{input_text},"ord":{order},'
             f'"latest":{"true" if request.version is None else "false"},"plan":{plan[0]},'
             f'"execution_ids":[{ids}]}}'
