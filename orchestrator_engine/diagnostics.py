@@ -60,17 +60,15 @@ def explain(engine: Engine, instance_id: UUID) -> list[str]:
             definition = engine.definition(c, row["namespace"], row["workflow_name"], row["workflow_version"])
         except WorkflowNotFoundError:
             # deleted by hand (no foreign key keeps it since migration 0008): check_invariants reports it
-            definition = None
+            return [
+                f"its definition {row['namespace']}/{row['workflow_name']} version {row['workflow_version']} "
+                "is not registered (deleted by hand?): nothing can move it on until that version is "
+                "registered again"
+            ]
         executions = repos.executions.task_list_for_instance(c, instance_id)
         now = repos.maintenance.maintenance_now(c)
         polled = repos.maintenance.maintenance_recent_pollers(c, POLLER_WINDOW)
     state = WorkflowState(row["state"])
-    if definition is None:
-        return [
-            f"its definition {row['namespace']}/{row['workflow_name']} version {row['workflow_version']} "
-            "is not registered (deleted by hand?): nothing can move it on until that version is "
-            "registered again"
-        ]
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for e in executions:
         latest[(e["kind"], e["task_id"])] = e  # ordered oldest first, so the last one wins

@@ -239,9 +239,7 @@ class WorkflowCoordinator:
             return self._existing(c, request), False
         # a task leased in the start (direct dispatch) added its TASK_STARTED
         sequence_number = plan.sequence_number + row["granted"]
-        return _started_instance(
-            request, definition.version, json.loads(input_text), sequence_number, row
-        ), True
+        return _started_instance(request, definition.version, input_text, sequence_number, row), True
 
     def _start_many(
         self,
@@ -496,7 +494,7 @@ class _StartBatch:
         self._ids: list[str] = []  # made in chunks: one clock and one random read for many starts
         self._plan_of = plan_of or _start_plan  # the coordinator's goes through the engine's cache
         self._plans: dict[tuple[str, str, int], tuple[int, int]] = {}  # -> (index, sequence number)
-        self._meta: dict[str, tuple[StartWorkflowRequest, Any, int, int]] = {}
+        self._meta: dict[str, tuple[StartWorkflowRequest, str, int, int]] = {}
 
     def add(
         self, request: StartWorkflowRequest, input_text: str, definition: WorkflowDefinition, order: int
@@ -513,7 +511,7 @@ class _StartBatch:
             self._ids = new_id_texts(max(needed, _ID_CHUNK))
         instance_id, execution_ids = self._ids[-1], self._ids[-needed:-1]
         del self._ids[-needed:]
-        self._meta[instance_id] = (request, json.loads(input_text), definition.version, plan[1])
+        self._meta[instance_id] = (request, input_text, definition.version, plan[1])
         ids = ",".join(f'"{e}"' for e in execution_ids)
         # written out here, not by json.dumps of a dict: the input goes in as the text its encoding
         # checked (encoding it again inside the dict cost a tenth of a bulk start's client CPU), and
@@ -534,9 +532,9 @@ class _StartBatch:
         for row in rows:
             if row["instance_id"] is None:
                 continue  # the row of NULLs: nothing was started
-            request, workflow_input, version, sequence_number = self._meta[str(row["instance_id"])]
+            request, input_text, version, sequence_number = self._meta[str(row["instance_id"])]
             out[(request.namespace, request.workflow_name, request.run_id)] = _started_instance(
-                request, version, workflow_input, sequence_number, row
+                request, version, input_text, sequence_number, row
             )
         return out
 
@@ -544,11 +542,15 @@ class _StartBatch:
 def _started_instance(
     request: StartWorkflowRequest,
     version: int,
-    workflow_input: Any,
+    input_text: str,
     sequence_number: int,
     row: dict[str, Any],
 ) -> WorkflowInstance:
-    """Return the instance a start statement inserted: its row holds only the id and timestamps."""
+    """Return the instance a start statement inserted: its row holds only the id and timestamps.
+
+    The input is decoded from the text the start sent, so the instance holds the JSON the database
+    has (a tuple comes back a list), and only for runs the statement started.
+    """
     return WorkflowInstance(
         instance_id=row["instance_id"],
         namespace=request.namespace,
@@ -556,7 +558,7 @@ def _started_instance(
         workflow_version=version,
         run_id=request.run_id,
         state=W.RUNNING,
-        input=workflow_input,
+        input=json.loads(input_text),
         output=None,
         sequence_number=sequence_number,
         created_at=row["created_at"],
