@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import pwd
 import shlex
@@ -11,6 +12,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import weakref
 from collections.abc import Mapping
@@ -21,6 +23,22 @@ from typing import Any, Literal
 SYSTEM_USER = "orchestrator_pg"
 _START_TIMEOUT_S = 60
 _LOG_NAME = "embedded-postgres.log"
+
+# The watchdog of a running server, run by the interpreter that runs the owner. The owner holds the
+# write end of the watchdog's stdin and writes one byte before closing it when it stopped the server
+# itself. End of file with nothing read means the owner died without stopping it (SIGKILL, a
+# SIGTERM left to its default action, os._exit): the finalizer never ran, and pg_ctl's postmaster,
+# a daemon, would outlive it. Standard library only, so it works wherever the owner was imported from.
+_WATCHDOG = """
+import json, os, shutil, subprocess, sys
+if sys.stdin.buffer.read(1):
+    sys.exit(0)
+job = json.loads(sys.argv[1])
+if os.path.exists(os.path.join(job["data_dir"], "postmaster.pid")):
+    subprocess.run(job["stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **job["as_user"])
+if job["root"]:
+    shutil.rmtree(job["root"], ignore_errors=True)
+"""
 
 
 def postgres_bin_dir() -> Path:
@@ -60,6 +78,7 @@ class EmbeddedPostgres:
         self.settings = dict(settings or {})
         self._user = _ensure_system_user() if os.geteuid() == 0 else None
         self._running = False
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self._version: str | None = None
         # stop the server even if the owner forgets to, so no postgres outlives the interpreter
         self._finalizer = weakref.finalize(self, _shutdown, self._ctl_prefix(), self._user, self._root)
@@ -120,6 +139,8 @@ class EmbeddedPostgres:
                 if attempt == attempts - 1:
                     raise
         self._running = True
+        if self._watchdog is None:
+            self._watchdog = self._start_watchdog()
 
     def stop(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
         """Stop the server; remove the data directory if this object created it."""
@@ -128,6 +149,7 @@ class EmbeddedPostgres:
             self._running = False
         if self._owns_dir:
             self._finalizer()
+        self._stop_watchdog()
 
     def restart(self, mode: Literal["fast", "immediate"] = "fast") -> None:
         """Stop the server with `mode` (immediate = crash, no checkpoint) and start it on the same port."""
@@ -171,6 +193,33 @@ class EmbeddedPostgres:
             self._run(*cmd, "start")
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- server log tail ---\n{self._log_tail()}") from None
+
+    def _start_watchdog(self) -> subprocess.Popen[bytes]:
+        """Start the process that stops this server if this interpreter dies without stopping it."""
+        job = {
+            "data_dir": str(self.data_dir),
+            "stop": [*self._ctl_prefix(), "-w", "-m", "immediate", "stop"],
+            "as_user": _as_user(self._user),
+            "root": str(self._root) if self._owns_dir and self._root is not None else None,
+        }
+        return subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, json.dumps(job)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # its own session: a Ctrl-C or a `timeout` that signals the owner's process group would
+            # otherwise end the watchdog with its owner, before it could do its work
+            start_new_session=True,
+        )
+
+    def _stop_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None or watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(b"stopped")
+            watchdog.stdin.close()
+        watchdog.wait(timeout=_START_TIMEOUT_S)
 
     def _pg_ctl_stop(self, mode: str) -> None:
         self._run(*self._ctl_prefix(), "-w", "-m", mode, "stop")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -44,3 +50,86 @@ def test_server_listens_on_loopback_and_reports_its_version(server: EmbeddedPost
     assert row is not None
     assert row[0].split()[0] == server.version
     assert server.pg_bin("psql").exists()
+
+
+# a host process that owns an embedded server and never stops it: it prints where the server is,
+# then waits to be killed
+_OWNER = """
+import time
+from orchestrator_engine.embedded import EmbeddedPostgres
+server = EmbeddedPostgres(settings={"fsync": "off"})
+server.start()
+print(server.dsn(), server.data_dir, flush=True)
+time.sleep(600)
+"""
+
+
+def _server_answers(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_server_stops_when_its_owner_dies_without_stopping_it(signum: signal.Signals) -> None:
+    try:
+        postgres_bin_dir()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    with subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True) as owner:
+        try:
+            assert owner.stdout is not None
+            dsn, data_dir = owner.stdout.readline().split()
+            assert _server_answers(dsn)
+            os.kill(owner.pid, signum)
+            owner.wait(timeout=30)
+            deadline = time.monotonic() + 60
+            while (_server_answers(dsn) or Path(data_dir).exists()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not _server_answers(dsn)
+            # the temporary directory the server was created in is gone too
+            assert not Path(data_dir).exists()
+        finally:
+            owner.kill()
+
+
+def _watchdogs_of(data_dir: Path) -> list[int]:
+    """Return the pids of running processes whose command line names ``data_dir`` (Linux's /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(data_dir).encode() in cmdline and b"postmaster.pid" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads processes from /proc")
+def test_a_stopped_server_leaves_no_watchdog_behind(tmp_path: Path) -> None:
+    try:
+        postgres_bin_dir()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    data_dir = tmp_path / "data"
+    server = EmbeddedPostgres(data_dir, settings={"fsync": "off"})
+    server.start()
+    try:
+        assert len(_watchdogs_of(data_dir.resolve())) == 1
+        # a restart keeps the one it has
+        server.restart()
+        assert len(_watchdogs_of(data_dir.resolve())) == 1
+    finally:
+        server.stop()
+    assert _watchdogs_of(data_dir.resolve()) == []
+    # stopped by its owner, the watchdog leaves a directory the owner did not create alone, and a
+    # server started on it later runs on
+    again = EmbeddedPostgres(data_dir, settings={"fsync": "off"})
+    with again:
+        assert data_dir.exists()
+        assert _server_answers(again.dsn())
