@@ -13,6 +13,7 @@ import pytest
 from helpers import NAMESPACE, Pool, assert_history_valid, chain, query, register, start
 
 from orchestrator_engine import (
+    ConcurrencyConflictError,
     DefinitionConflictError,
     EngineConfig,
     InvalidDefinitionError,
@@ -23,6 +24,7 @@ from orchestrator_engine import (
     WorkflowDefinition,
     WorkflowNotFoundError,
 )
+from orchestrator_engine.coordinators.workflow import STALE_ATTEMPTS
 
 
 def workflow(*tasks: TaskDefinition, name: str = "wf", namespace: str = NAMESPACE) -> WorkflowDefinition:
@@ -365,6 +367,36 @@ def test_a_batch_planned_with_an_outdated_latest_version_starts_every_unversione
         assert_history_valid(wc, instance.instance_id)
     rows = query(pool, engine_config, "SELECT count(*) AS n FROM {}.workflow_instances")
     assert rows[0]["n"] == 4, "the batch planned on version 1 wrote nothing before it was planned again"
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_a_start_whose_latest_version_stays_superseded_gives_up_and_writes_nothing(
+    wc: WorkflowCoordinator,
+    pool: Pool,
+    engine_config: EngineConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    batch: bool,
+) -> None:
+    register(wc, "orders", chain("v1_task"), version=1)
+    register(wc, "orders", chain("v2_task"), version=2)
+    engine = wc.engine
+    asked = []
+
+    def outdated(
+        conn: psycopg.Connection[Any], namespace: str, name: str, *, cached: bool
+    ) -> WorkflowDefinition:
+        # an engine whose read of the latest version keeps disagreeing with the statement's check
+        asked.append(cached)
+        return engine.definition(conn, namespace, name, 1)
+
+    monkeypatch.setattr(engine, "latest_definition", outdated)
+    requests = [StartWorkflowRequest(NAMESPACE, "orders", f"run-{i}") for i in range(2 if batch else 1)]
+    start_them = (lambda: wc.start_workflows(requests)) if batch else (lambda: wc.start_workflow(requests[0]))
+    with pytest.raises(ConcurrencyConflictError, match=r"latest version of .*/orders changed"):
+        start_them()
+    assert asked == [True] + [False] * (STALE_ATTEMPTS - 1), "planned again on a fresh read each time"
+    rows = query(pool, engine_config, "SELECT count(*) AS n FROM {}.workflow_instances")
+    assert rows[0]["n"] == 0
 
 
 def test_a_start_in_a_host_transaction_uses_the_latest_version_that_transaction_sees(

@@ -15,6 +15,7 @@ from psycopg_pool import ConnectionPool
 from ..config import EngineConfig
 from ..definitions import WorkflowDefinition, check_attempt_keys
 from ..errors import (
+    ConcurrencyConflictError,
     DefinitionConflictError,
     InvalidStateError,
     TaskNotFoundError,
@@ -36,6 +37,11 @@ from ._ids import as_name, as_run_id, as_uuid, as_version, new_id_texts
 
 W = WorkflowState
 PURGEABLE = (W.COMPLETED, W.CANCELLED, W.COMPENSATED)
+
+#: how many times a start plans again on a latest version that its statement found superseded; one
+#: more is needed only when yet another version commits in between, so running out means the
+#: versions keep changing (or the engine's read of the latest disagrees with the statement's)
+STALE_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -218,9 +224,8 @@ class WorkflowCoordinator:
         start itself. Both statements tell whether a worker waited, for the next start to choose.
         """
         engine = self._engine
-        fresh = False
-        while True:
-            definition = self._definitions_of(c, [(request, input_text)], fresh=fresh)[
+        for attempt in range(STALE_ATTEMPTS):
+            definition = self._definitions_of(c, [(request, input_text)], fresh=attempt > 0)[
                 (request.namespace, request.workflow_name, request.version)
             ]
             if definition is None:
@@ -234,7 +239,8 @@ class WorkflowCoordinator:
             if not row["stale"]:
                 break
             # as in _start_many: plan again on the latest version read now
-            fresh = True
+        else:
+            raise _superseded([request])
         if row["instance_id"] is None:
             return self._existing(c, request), False
         # a task leased in the start (direct dispatch) added its TASK_STARTED
@@ -258,9 +264,8 @@ class WorkflowCoordinator:
         the caller to announce once the statement has committed.
         """
         channel = self._engine.channel if self._engine.config.notify and announce is None else None
-        fresh = False
-        while True:
-            definitions = self._definitions_of(c, checked, fresh=fresh)
+        for attempt in range(STALE_ATTEMPTS):
+            definitions = self._definitions_of(c, checked, fresh=attempt > 0)
             if not in_transaction and None in definitions.values():
                 return None
             batch = _StartBatch(lambda d: self._engine.start_plan(d, _start_plan))
@@ -276,7 +281,8 @@ class WorkflowCoordinator:
             # another engine registered a newer version since this one cached the latest: nothing was
             # written, so plan again on the latest versions read now (this repeats only while new
             # versions keep committing between that read and the statement)
-            fresh = True
+        else:
+            raise _superseded([request for request, _ in checked])
         started = batch.started(rows)
         if announce is not None:
             announce.update(instance.namespace for instance in started.values())
@@ -477,6 +483,15 @@ class WorkflowCoordinator:
 
 
 #: how many ids a batch start makes at a time
+def _superseded(requests: list[StartWorkflowRequest]) -> ConcurrencyConflictError:
+    """Return the error of a start whose latest versions were superseded STALE_ATTEMPTS times running."""
+    names = sorted({f"{r.namespace}/{r.workflow_name}" for r in requests if r.version is None})
+    return ConcurrencyConflictError(
+        f"the latest version of {', '.join(names)} changed under each of {STALE_ATTEMPTS} attempts to "
+        "start; nothing was started"
+    )
+
+
 _ID_CHUNK = 256
 
 
