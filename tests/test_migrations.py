@@ -15,7 +15,7 @@ from uuid import uuid4
 
 import psycopg
 import pytest
-from helpers import ALL_MIGRATIONS
+from helpers import ALL_MIGRATIONS, PACKAGE_ROOT
 from psycopg import conninfo, sql
 from yoyo.connections import parse_uri
 
@@ -268,13 +268,17 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
             backend.to_apply(_read_migrations().filter(lambda m: m.id == ALL_MIGRATIONS[0]))
         )
     assert _applied_ids(empty_dsn, "upgraded") == ALL_MIGRATIONS[:1]
-    # this engine's start names 0007's table (it may lease the task to an idle worker): a stand-in
-    # lets it run here, and with no worker waiting it writes the rows 0001's start wrote
+    # this engine's start names 0007's table (it may lease the task to an idle worker) and calls
+    # 0009's function: stand-ins let it run here (0009's own text makes the function), and with no
+    # worker waiting it writes the rows 0001's start wrote
     stand_in = "CREATE TABLE upgraded.waiting_workers (worker_id uuid, namespace text, task_types text[],"
     stand_in += " free integer, granted bigint, lease_duration interval, lock_key bigint, channel text,"
     stand_in += " seen_at timestamptz)"
+    event_id = (PACKAGE_ROOT / "migrations" / "0009_event_id_function.sql").read_text()
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute(stand_in)
+        conn.execute("SET search_path TO upgraded")
+        conn.execute(event_id.encode())
     definition = WorkflowDefinition("ns", "wf", [TaskDefinition("t", task_type="work")])
     with create_pool(config, min_size=1, max_size=2) as pool:
         wc = WorkflowCoordinator(pool, config)
@@ -322,6 +326,7 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
 
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
             conn.execute("DROP TABLE upgraded.waiting_workers")
+            conn.execute("DROP FUNCTION upgraded.event_id(text)")
         assert migrate(config) == ALL_MIGRATIONS[1:]
         with psycopg.connect(empty_dsn) as conn:
             report = check_invariants(conn, schema="upgraded", require_finished=False)

@@ -471,6 +471,42 @@ def test_an_events_id_is_a_version_8_uuid_named_by_its_idempotency_key(
     assert len({e.event_id for e in history}) == len(history)
 
 
+def test_the_event_id_function_is_inlined_where_it_is_called_and_ignores_the_client_encoding(
+    pool: Pool, engine_config: EngineConfig
+) -> None:
+    # migration 0009 names the expression once; the statements' plans must still hold the expression
+    # itself (a call per event would cost a function call each), and a key must name one id whatever
+    # encoding the session speaks
+    keys = ["plain", "caf\u00e9:\u20ac", "\U0001f600:astral"]
+    with pool.connection() as conn:
+        plan = conn.execute(
+            sql.SQL("EXPLAIN VERBOSE SELECT {}.event_id(k) FROM unnest(%s::text[]) AS u(k)").format(
+                sql.Identifier(engine_config.schema)
+            ),
+            (keys,),
+        ).fetchall()
+        ids = {}
+        for encoding in ("UTF8", "LATIN9", "UTF8"):
+            conn.execute(sql.SQL("SET client_encoding TO {}").format(sql.Literal(encoding)))
+            rows = conn.execute(
+                sql.SQL("SELECT {}.event_id(%s)").format(sql.Identifier(engine_config.schema)),
+                (keys[1],),
+            ).fetchall()
+            ids[encoding] = rows[0][0]
+        conn.execute("RESET client_encoding")
+        named = conn.execute(
+            sql.SQL("SELECT k, {}.event_id(k) FROM unnest(%s::text[]) AS u(k)").format(
+                sql.Identifier(engine_config.schema)
+            ),
+            (keys,),
+        ).fetchall()
+    output = "\n".join(line for (line,) in plan)
+    assert "sha256(convert_to(" in output, output
+    assert "event_id(" not in output, output
+    assert ids["UTF8"] == ids["LATIN9"] == event_id_for(keys[1])
+    assert dict(named) == {k: event_id_for(k) for k in keys}
+
+
 def test_completed_workflow_output_maps_every_task_to_its_output(
     wc: WorkflowCoordinator, tc: TaskCoordinator
 ) -> None:

@@ -54,8 +54,7 @@ FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
 -- event ids it names by them (see docs/reference/events.md).
 INSERT INTO {schema}.events
     (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key, created_at)
-SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
-                       placing '8' from 13) placing '8' from 17)::uuid, v.*
+SELECT {schema}.event_id(v.idempotency_key), v.*
 FROM (
     SELECT i.id, s.seq, s.event_type,
            jsonb_build_object('execution_id', x.id, 'task_id', 't', 'attempt', 1),

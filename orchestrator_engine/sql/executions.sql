@@ -133,8 +133,7 @@ WITH candidates AS MATERIALIZED (
 ), started AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
-                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    SELECT {schema}.event_id(v.idempotency_key), v.*
     FROM (
         SELECT g.workflow_instance_id, g.event_sequence,
                CASE g.kind WHEN 'FORWARD' THEN 'TASK_STARTED' ELSE 'COMPENSATION_TASK_STARTED' END,
@@ -437,8 +436,7 @@ WITH req AS MATERIALIZED (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(convert_to(k.idempotency_key, 'UTF8')), 1, 16), 'hex')
-                           placing '8' from 13) placing '8' from 17)::uuid,
+    SELECT {schema}.event_id(k.idempotency_key),
            n.instance_id, n.seq, n.event_type, n.payload, k.idempotency_key
     FROM news n
     CROSS JOIN LATERAL (SELECT COALESCE(n.idempotency_key, n.instance_id || ':workflow_completed:' || n.seq)

@@ -18,8 +18,7 @@ SELECT * FROM {schema}.workflow_instances WHERE instance_id = %(instance_id)s FO
 WITH appended AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(convert_to(r.idempotency_key, 'UTF8')), 1, 16), 'hex')
-                           placing '8' from 13) placing '8' from 17)::uuid,
+    SELECT {schema}.event_id(r.idempotency_key),
            r.workflow_instance_id, r.sequence_number, r.event_type, r.payload, r.idempotency_key
     FROM jsonb_to_recordset(%(events)s::jsonb)
         AS r(workflow_instance_id uuid, sequence_number bigint, event_type text, payload jsonb,
@@ -120,8 +119,7 @@ WITH requested AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
-                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    SELECT {schema}.event_id(v.idempotency_key), v.*
     FROM (
         SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
                jsonb_build_object('run_id', s.run_id, 'workflow_version', s.workflow_version),
@@ -192,8 +190,7 @@ WITH stale AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
-                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    SELECT {schema}.event_id(v.idempotency_key), v.*
     FROM (
         SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
                jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
@@ -316,8 +313,7 @@ WITH stale AS (
 ), logged AS (
     INSERT INTO {schema}.events
         (event_id, workflow_instance_id, sequence_number, event_type, payload, idempotency_key)
-    SELECT overlay(overlay(encode(substr(sha256(convert_to(v.idempotency_key, 'UTF8')), 1, 16), 'hex')
-                           placing '8' from 13) placing '8' from 17)::uuid, v.*
+    SELECT {schema}.event_id(v.idempotency_key), v.*
     FROM (
         SELECT s.instance_id, 1, 'WORKFLOW_STARTED',
                jsonb_build_object('run_id', %(run_id)s::text, 'workflow_version', %(workflow_version)s::integer),
