@@ -99,6 +99,27 @@ def _git_commit() -> str:
     return f"{head} + uncommitted changes" if dirty else head
 
 
+@dataclass(frozen=True)
+class Probe:
+    """How fast the machine was at one moment of a run (see _run._probe)."""
+
+    when: str
+    commits_s: float
+    python_ops_s: float
+
+
+def python_speed(ops: int = 2_000_000) -> float:
+    """Return the speed of a fixed loop of Python arithmetic, in iterations per second (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(ops // 3):
+            total += i * i % 7
+        best = min(best, time.perf_counter() - t0)
+    return (ops // 3) / best
+
+
 def load_average() -> str:
     """Return the 1/5/15-minute load averages: other work on the machine skews every number here."""
     try:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ._env import SHOWN_SETTINGS, Machine
+from ._env import SHOWN_SETTINGS, Machine, Probe
 from ._latency import Percentiles
 
 HEADER = ("workload", "measure", "result", "x baseline", "target", "status")
@@ -79,6 +79,7 @@ def results_markdown(
     settings: Mapping[str, str],
     method: Sequence[str],
     loads: Sequence[tuple[str, str]],
+    drift: Sequence[Probe],
     rows: Sequence[Row],
 ) -> str:
     """Return the full RESULTS.md text."""
@@ -98,6 +99,7 @@ def results_markdown(
         "fsync included) and the CPU share other processes and the hypervisor took during each workload:",
         *(f"  - {when}: {load}" for when, load in loads),
         "",
+        *drift_lines(drift),
         "## PostgreSQL",
         "",
         f"{server}, version {settings.get('server_version', '?')}; settings in force (`SHOW`):",
@@ -116,3 +118,27 @@ def results_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def drift_lines(drift: Sequence[Probe]) -> list[str]:
+    """Return the Drift section: the machine's speed before the first workload and after each."""
+    if not drift:
+        return []
+    first = drift[0]
+    return [
+        "## Drift",
+        "",
+        "Each workload runs once, so a change in the machine's speed during the run moves its row. "
+        "Before the first workload and after each one, the run measures the one-connection commit "
+        "ceiling briefly and times a fixed loop of Python (the client's CPU speed); compare each "
+        "workload's row with the probes on either side of it.",
+        "",
+        "| when | commits/s, 1 connection | x first | Python speed x first |",
+        "|---|---|---|---|",
+        *(
+            f"| {p.when} | {p.commits_s:,.0f} | {p.commits_s / first.commits_s:.2f}x | "
+            f"{p.python_ops_s / first.python_ops_s:.2f}x |"
+            for p in drift
+        ),
+        "",
+    ]

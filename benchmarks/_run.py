@@ -17,6 +17,7 @@ from orchestrator_engine import EngineConfig, create_pool
 
 from . import _fleet, _history, _latency, _shapes, _throughput
 from ._env import (
+    Probe,
     checkpoint,
     cpu_sample,
     describe_contention,
@@ -25,6 +26,7 @@ from ._env import (
     fresh_schema,
     load_average,
     postmaster_pid,
+    python_speed,
     server,
     server_settings,
 )
@@ -57,6 +59,8 @@ class Size:
     history_cycles: int
     history_backlog: int
     baseline_s: float
+    #: how long each drift probe measures the one-connection commit ceiling
+    probe_s: float
 
 
 SIZES = {
@@ -70,6 +74,7 @@ SIZES = {
         history_cycles=2_000,
         history_backlog=2_000,
         baseline_s=10.0,
+        probe_s=2.0,
     ),
     "smoke": Size(
         starts=500,
@@ -81,6 +86,7 @@ SIZES = {
         history_cycles=100,
         history_backlog=200,
         baseline_s=2.0,
+        probe_s=0.3,
     ),
 }
 
@@ -119,6 +125,8 @@ class Run:
     baseline_one: float | None = None
     #: (when, load averages and the share of CPU other processes took): other work skews every number
     loads: list[tuple[str, str]] = field(default_factory=list)
+    #: the machine's speed before the first workload and after each one (see _probe)
+    drift: list[Probe] = field(default_factory=list)
 
     def schema(self, name: str, **overrides: object) -> EngineConfig:
         schema = f"bench_{name}"
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=settings,
             method=run.method,
             loads=run.loads,
+            drift=run.drift,
             rows=run.rows,
         ),
         encoding="utf-8",
@@ -212,6 +221,7 @@ def _run_workloads(run: Run, only: list[str]) -> int:
     failed = 0
     postmaster = postmaster_pid(run.dsn)
     run.loads.append(("start", load_average()))
+    run.drift.append(_probe(run, "start"))
     for name, step in STEPS:
         if name not in only and not (name == "start" and "drain" in only):
             continue
@@ -228,7 +238,25 @@ def _run_workloads(run: Run, only: list[str]) -> int:
         contention = describe_contention(cpu0, cpu_sample(postmaster))
         run.loads.append((f"after {name}", f"{load_average()} ({contention})"))
         _progress(f"{name} done in {time.monotonic() - t0:.0f} s, load average {run.loads[-1][1]}")
+        probe = _probe(run, f"after {name}")
+        run.drift.append(probe)
+        first = run.drift[0]
+        _progress(
+            f"probe: {probe.commits_s:,.0f} commits/s ({probe.commits_s / first.commits_s:.2f}x the first), "
+            f"Python {probe.python_ops_s / first.python_ops_s:.2f}x the first"
+        )
     return failed
+
+
+def _probe(run: Run, when: str) -> Probe:
+    """Measure how fast the machine is now, so a reader can see it change between workloads.
+
+    Two figures: the one-connection commit ceiling (a round trip, a little server CPU and a WAL
+    flush) over ``probe_s``, and the speed of a fixed loop of Python (the client's CPU). Each
+    workload runs once, and on shared machines their speed moves by a quarter within minutes.
+    """
+    commits = _throughput.commit_ceiling(run.dsn, "bench_probe", 1, run.size.probe_s)
+    return Probe(when, commits, python_speed())
 
 
 def _shown_argv(argv: list[str] | None) -> list[str]:

@@ -214,3 +214,9 @@ def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path)
     text = out.read_text(encoding="utf-8")
     assert "## Results" in text
     assert "synchronous_commit" in text
+    # the machine's speed, probed before the first workload and after each step (drain runs in start's)
+    drift = text.split("## Drift", 1)[1].split("##", 1)[0]
+    for step in ("baseline", "start", "chain", "fan", "latency", "history"):
+        assert f"| after {step} | " in drift, drift
+    assert "| start | " in drift, drift
+    assert "| 1.00x | 1.00x |" in drift, drift
