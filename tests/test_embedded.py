@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from helpers import wait_for
 
 from orchestrator_engine.config import EngineConfig, create_pool
 from orchestrator_engine.embedded import EmbeddedPostgres, postgres_bin_dir
@@ -120,10 +121,15 @@ def test_a_stopped_server_leaves_no_watchdog_behind(tmp_path: Path) -> None:
     server = EmbeddedPostgres(data_dir, settings={"fsync": "off"})
     server.start()
     try:
-        assert len(_watchdogs_of(data_dir.resolve())) == 1
+        watchdog = server._watchdog
+        assert watchdog is not None
+        assert watchdog.poll() is None, f"the watchdog exited with {watchdog.returncode}"
+        # Popen returns once the child has begun its exec, a moment before /proc shows its arguments
+        wait_for("the watchdog's command line", lambda: _watchdogs_of(data_dir.resolve()) == [watchdog.pid])
         # a restart keeps the one it has
         server.restart()
-        assert len(_watchdogs_of(data_dir.resolve())) == 1
+        assert server._watchdog is watchdog
+        assert _watchdogs_of(data_dir.resolve()) == [watchdog.pid]
     finally:
         server.stop()
     assert _watchdogs_of(data_dir.resolve()) == []
