@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import psycopg
@@ -396,6 +397,80 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
                 " FROM upgraded.task_executions WHERE workflow_instance_id = %s",
                 (waiting,),
             )
+
+
+#: (table, column, a value the column's domain refuses, the domain's constraint): migration 0010
+_DOMAIN_CHECKS = [
+    ("workflow_definitions", "version", 0, "ck_positive_integer"),
+    ("workflow_instances", "state", "DONE", "ck_workflow_state"),
+    ("workflow_instances", "sequence_number", -1, "ck_nonnegative_bigint"),
+    ("task_executions", "state", "running", "ck_task_state"),
+    ("task_executions", "kind", "UNDO", "ck_execution_kind"),
+    ("task_executions", "attempt_number", 0, "ck_positive_integer"),
+    ("task_executions", "max_attempts", 0, "ck_positive_integer"),
+    ("task_executions", "fence_token", -1, "ck_nonnegative_bigint"),
+    ("execution_leases", "fence_token", 0, "ck_positive_bigint"),
+    ("events", "sequence_number", 0, "ck_positive_bigint"),
+    ("waiting_workers", "free", -1, "ck_nonnegative_integer"),
+    ("waiting_workers", "lease_duration", timedelta(0), "ck_positive_interval"),
+]
+
+
+def test_every_check_on_one_column_is_its_domain_and_every_table_check_relates_columns(
+    rollback_conn: psycopg.Connection[Any],
+) -> None:
+    # a table's CHECKs are prepared again by every statement that writes the table, a domain's once
+    # per session: so a rule about one column is that column's type (0010)
+    table_checks = rollback_conn.execute(
+        "SELECT conname, cardinality(conkey) FROM pg_constraint"
+        " WHERE contype = 'c' AND conrelid <> 0 AND connamespace = 'orchestrator'::regnamespace"
+    ).fetchall()
+    assert table_checks, "the rules that relate two columns stay on their tables"
+    assert [name for name, columns in table_checks if columns < 2] == []
+    domains = dict(
+        rollback_conn.execute(
+            "SELECT c.table_name || '.' || c.column_name, c.domain_name FROM information_schema.columns c"
+            " WHERE c.table_schema = 'orchestrator' AND c.domain_name IS NOT NULL"
+        ).fetchall()
+    )
+    assert sorted(domains) == sorted(f"{table}.{column}" for table, column, _, _ in _DOMAIN_CHECKS)
+
+
+@pytest.mark.parametrize(("table", "column", "bad", "constraint"), _DOMAIN_CHECKS)
+def test_a_value_outside_its_columns_domain_is_refused(
+    engine_config: EngineConfig, table: str, column: str, bad: object, constraint: str
+) -> None:
+    from orchestrator_engine import (
+        StartWorkflowRequest,
+        TaskCoordinator,
+        TaskDefinition,
+        WorkflowCoordinator,
+        WorkflowDefinition,
+        create_pool,
+    )
+
+    with create_pool(engine_config, min_size=1, max_size=1) as pool:
+        wc = WorkflowCoordinator(pool, engine_config)
+        wc.register_workflow(WorkflowDefinition("ns", "wf", [TaskDefinition("t", task_type="work")]))
+        wc.start_workflow(StartWorkflowRequest("ns", "wf", "run"))
+        TaskCoordinator(pool, engine_config).poll_tasks(uuid4(), task_types=["work"], limit=1)
+    schema = engine_config.schema
+    with psycopg.connect(engine_config.dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.waiting_workers (worker_id, namespace, task_types, free, granted,"
+                " lease_duration, lock_key, channel, seen_at)"
+                " VALUES (%s, NULL, '{{work}}', 1, 0, interval '30 seconds', 1, 'nobody', now())"
+            ).format(sql.Identifier(schema)),
+            (uuid4(),),
+        )
+        # every table holds a row written by the engine (or, for waiting_workers, as a worker would)
+        update = sql.SQL("UPDATE {} SET {} = %s").format(
+            sql.Identifier(schema, table), sql.Identifier(column)
+        )
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute(update, (bad,))
+    assert refused.value.diag.constraint_name == constraint
 
 
 def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:
