@@ -20,6 +20,14 @@ from helpers import ALL_MIGRATIONS, PACKAGE_ROOT
 from psycopg import conninfo, sql
 from yoyo.connections import parse_uri
 
+from orchestrator_engine import (
+    StartWorkflowRequest,
+    TaskCoordinator,
+    TaskDefinition,
+    WorkflowCoordinator,
+    WorkflowDefinition,
+    create_pool,
+)
 from orchestrator_engine.config import EngineConfig
 from orchestrator_engine.errors import MigrationError
 from orchestrator_engine.migrator import migrate, migration_lock_key, pending_migrations, yoyo_url
@@ -250,14 +258,6 @@ def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn
     # A host that ran 0001 only, with work in every state 0003 must bring in line (rows written the way
     # 0001's statements wrote them): migrate() adds the rest, the invariants hold, and the poll (which
     # calls 0002's function, as 0003 redefines it) leases exactly the two waiting tasks.
-    from orchestrator_engine import (
-        StartWorkflowRequest,
-        TaskCoordinator,
-        TaskDefinition,
-        WorkflowCoordinator,
-        WorkflowDefinition,
-        create_pool,
-    )
     from orchestrator_engine.check import check_invariants
     from orchestrator_engine.migrator import _open_backend, _read_migrations
 
@@ -440,14 +440,6 @@ def test_every_check_on_one_column_is_its_domain_and_every_table_check_relates_c
 def test_a_value_outside_its_columns_domain_is_refused(
     engine_config: EngineConfig, table: str, column: str, bad: object, constraint: str
 ) -> None:
-    from orchestrator_engine import (
-        StartWorkflowRequest,
-        TaskCoordinator,
-        TaskDefinition,
-        WorkflowCoordinator,
-        WorkflowDefinition,
-        create_pool,
-    )
 
     with create_pool(engine_config, min_size=1, max_size=1) as pool:
         wc = WorkflowCoordinator(pool, engine_config)
