@@ -23,6 +23,11 @@ def translate(exc: psycopg.Error) -> Exception:
         exc, (pgerr.UntranslatableCharacter, pgerr.InvalidTextRepresentation, pgerr.CharacterNotInRepertoire)
     ):
         return PayloadError(f"the database refused a value: {exc.diag.message_primary}")
+    if is_stale_prepared_statement(exc):
+        return DatabaseError(
+            "a migration changed the type of a column this connection's prepared statement returns; "
+            "the engine replaces such a connection: call again"
+        )
     constraint = exc.diag.constraint_name
     if constraint and constraint in _CONSTRAINT_ERRORS:
         return _CONSTRAINT_ERRORS[constraint](f"constraint {constraint} refused the change")
@@ -30,3 +35,15 @@ def translate(exc: psycopg.Error) -> Exception:
         # refused by the driver before reaching the server (e.g. a NUL in a string parameter)
         return DatabaseError(f"the driver refused the statement: {exc}")
     return DatabaseError(f"database error {exc.sqlstate}: {exc.diag.message_primary}")
+
+
+def is_stale_prepared_statement(exc: psycopg.Error) -> bool:
+    """Say whether the server refused a prepared statement whose result's types a migration changed.
+
+    The server refuses it on that connection for as long as the connection lives (migration 0010
+    made columns domains); psycopg forgets its prepared statements only after a ROLLBACK or a DROP
+    it sees on the connection.
+    """
+    return isinstance(exc, pgerr.FeatureNotSupported) and "cached plan must not change result type" in (
+        exc.diag.message_primary or ""
+    )

@@ -465,6 +465,48 @@ def test_a_value_outside_its_columns_domain_is_refused(
     assert refused.value.diag.constraint_name == constraint
 
 
+def test_an_engine_running_while_0010_is_applied_recovers_after_one_failed_call(empty_dsn: str) -> None:
+    # its connection has prepared statements that return columns 0010 makes domains: the server
+    # refuses them from then on ("cached plan must not change result type"), so the engine closes
+    # the connection and the pool replaces it
+    from orchestrator_engine.errors import DatabaseError
+    from orchestrator_engine.migrator import _open_backend, _read_migrations
+
+    config = EngineConfig(dsn=empty_dsn, schema="running")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA running")
+    with _open_backend(empty_dsn, "running") as backend:
+        before = _read_migrations().filter(lambda m: m.id < "0010")
+        backend.apply_migrations(backend.to_apply(before))
+    worker = uuid4()
+    with create_pool(config, min_size=1, max_size=1) as pool:
+        wc = WorkflowCoordinator(pool, config)
+        tc = TaskCoordinator(pool, config, engine=wc.engine)
+        wc.register_workflow(WorkflowDefinition("ns", "wf", [TaskDefinition("t", task_type="work")]))
+
+        def cycle(i: int) -> None:
+            wc.start_workflow(StartWorkflowRequest("ns", "wf", f"run-{i}"))
+            for execution in tc.poll_tasks(worker, task_types=["work"], limit=1):
+                tc.complete_task(execution.execution_id, worker, execution.fence_token, {"i": i})
+
+        for i in range(8):  # psycopg prepares a statement on its fifth run
+            cycle(i)
+        assert migrate(config) == [m for m in ALL_MIGRATIONS if m >= "0010"]
+        failures = []
+        for i in range(8, 20):
+            try:
+                cycle(i)
+            except DatabaseError as exc:
+                failures.append(str(exc))
+        while tasks := tc.poll_tasks(worker, task_types=["work"], limit=10):
+            for execution in tasks:
+                tc.complete_task(execution.execution_id, worker, execution.fence_token, None)
+        states = {wc.find_workflow("ns", "wf", f"run-{i}").state.value for i in range(20)}  # type: ignore[union-attr]
+    assert len(failures) == 1, failures
+    assert "a migration changed the type of a column" in failures[0]
+    assert states == {"COMPLETED"}
+
+
 def test_migrate_rejects_a_schema_that_is_not_a_plain_identifier(empty_dsn: str) -> None:
     with pytest.raises(ValueError, match="schema"):
         migrate(empty_dsn, schema="x; DROP TABLE y")

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import pq
 from psycopg.rows import tuple_row
 
-from .._errors_map import translate
+from .._errors_map import is_stale_prepared_statement, translate
 from ..errors import PayloadError
 from ..sql import native_queries
 
@@ -44,7 +44,7 @@ class Repository:
                 columns = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
                 return columns, cur.fetchall()
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise _translated(conn, exc) from exc
         except UnicodeEncodeError as exc:
             raise PayloadError(f"a parameter of {name} is not valid Unicode") from exc
 
@@ -59,9 +59,27 @@ class Repository:
                 cur.execute(self._q[name].text, values)
                 return cur.rowcount
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise _translated(conn, exc) from exc
         except UnicodeEncodeError as exc:
             raise PayloadError(f"a parameter of {name} is not valid Unicode") from exc
+
+
+def _translated(conn: psycopg.Connection[Any], exc: psycopg.Error) -> Exception:
+    """Return the engine's error for ``exc``; close an engine connection that can no longer serve.
+
+    A statement the server prepared before a migration changed the types it returns fails on that
+    connection every time. In a transaction, its rollback makes psycopg prepare afresh; a statement
+    of its own on one of the engine's autocommit connections has no rollback, so the connection is
+    closed and its pool replaces it. A host's connection (no kept cursor) is left to the host.
+    """
+    if (
+        is_stale_prepared_statement(exc)
+        and conn.autocommit
+        and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        and getattr(conn, _REUSED, None) is not None
+    ):
+        conn.close()
+    return translate(exc)
 
 
 class _Reused:
