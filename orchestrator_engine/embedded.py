@@ -78,10 +78,13 @@ class EmbeddedPostgres:
         self.settings = dict(settings or {})
         self._user = _ensure_system_user() if os.geteuid() == 0 else None
         self._running = False
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        # the watchdog (see _WATCHDOG), once started; shared with the finalizer, which ends it too
+        self._watchdogs: list[subprocess.Popen[bytes]] = []
         self._version: str | None = None
         # stop the server even if the owner forgets to, so no postgres outlives the interpreter
-        self._finalizer = weakref.finalize(self, _shutdown, self._ctl_prefix(), self._user, self._root)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._ctl_prefix(), self._user, self._root, self._watchdogs, os.getpid()
+        )
 
     @property
     def log_file(self) -> Path:
@@ -139,8 +142,8 @@ class EmbeddedPostgres:
                 if attempt == attempts - 1:
                     raise
         self._running = True
-        if self._watchdog is None:
-            self._watchdog = self._start_watchdog()
+        if not self._watchdogs:
+            self._watchdogs.append(self._start_watchdog())
 
     def stop(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
         """Stop the server; remove the data directory if this object created it."""
@@ -149,7 +152,7 @@ class EmbeddedPostgres:
             self._running = False
         if self._owns_dir:
             self._finalizer()
-        self._stop_watchdog()
+        _end_watchdogs(self._watchdogs)
 
     def restart(self, mode: Literal["fast", "immediate"] = "fast") -> None:
         """Stop the server with `mode` (immediate = crash, no checkpoint) and start it on the same port."""
@@ -212,15 +215,6 @@ class EmbeddedPostgres:
             start_new_session=True,
         )
 
-    def _stop_watchdog(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(b"stopped")
-            watchdog.stdin.close()
-        watchdog.wait(timeout=_START_TIMEOUT_S)
-
     def _pg_ctl_stop(self, mode: str) -> None:
         self._run(*self._ctl_prefix(), "-w", "-m", mode, "stop")
 
@@ -260,7 +254,27 @@ class EmbeddedPostgres:
         _make_readable_tree(self._bin_dir.parent)
 
 
-def _shutdown(ctl_prefix: list[str], user: str | None, root: Path | None) -> None:
+def _end_watchdogs(watchdogs: list[subprocess.Popen[bytes]]) -> None:
+    """Tell each watchdog its server was stopped on purpose, and wait for it to exit."""
+    while watchdogs:
+        watchdog = watchdogs.pop()
+        if watchdog.stdin is not None:
+            with contextlib.suppress(OSError):
+                watchdog.stdin.write(b"stopped")
+                watchdog.stdin.close()
+        watchdog.wait(timeout=_START_TIMEOUT_S)
+
+
+def _shutdown(
+    ctl_prefix: list[str],
+    user: str | None,
+    root: Path | None,
+    watchdogs: list[subprocess.Popen[bytes]],
+    owner_pid: int,
+) -> None:
+    if os.getpid() != owner_pid:
+        # a forked child of the owner exits: the server and its watchdog are the parent's
+        return
     pid_file = Path(ctl_prefix[-1]) / "postmaster.pid"
     if pid_file.exists():
         subprocess.run(
@@ -272,6 +286,7 @@ def _shutdown(ctl_prefix: list[str], user: str | None, root: Path | None) -> Non
         )
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
+    _end_watchdogs(watchdogs)
 
 
 def _as_user(user: str | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -121,14 +122,13 @@ def test_a_stopped_server_leaves_no_watchdog_behind(tmp_path: Path) -> None:
     server = EmbeddedPostgres(data_dir, settings={"fsync": "off"})
     server.start()
     try:
-        watchdog = server._watchdog
-        assert watchdog is not None
+        (watchdog,) = server._watchdogs
         assert watchdog.poll() is None, f"the watchdog exited with {watchdog.returncode}"
         # Popen returns once the child has begun its exec, a moment before /proc shows its arguments
         wait_for("the watchdog's command line", lambda: _watchdogs_of(data_dir.resolve()) == [watchdog.pid])
         # a restart keeps the one it has
         server.restart()
-        assert server._watchdog is watchdog
+        assert server._watchdogs == [watchdog]
         assert _watchdogs_of(data_dir.resolve()) == [watchdog.pid]
     finally:
         server.stop()
@@ -139,3 +139,20 @@ def test_a_stopped_server_leaves_no_watchdog_behind(tmp_path: Path) -> None:
     with again:
         assert data_dir.exists()
         assert _server_answers(again.dsn())
+
+
+def test_a_server_dropped_without_stop_is_stopped_and_its_watchdog_ended() -> None:
+    try:
+        postgres_bin_dir()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    server = EmbeddedPostgres(settings={"fsync": "off"})
+    server.start()
+    dsn, root, (watchdog,) = server.dsn(), server.data_dir.parent, server._watchdogs
+    del server
+    gc.collect()
+    # the finalizer stopped the server, deleted its directory and ended the watchdog: no Popen of a
+    # running process is left to the garbage collector (a ResourceWarning, an error under pytest)
+    assert not _server_answers(dsn)
+    assert not root.exists()
+    assert watchdog.returncode == 0
