@@ -221,7 +221,7 @@ def _run_workloads(run: Run, only: list[str]) -> int:
     failed = 0
     postmaster = postmaster_pid(run.dsn)
     run.loads.append(("start", load_average()))
-    run.drift.append(_probe(run, "start"))
+    _record_probe(run, "before")
     for name, step in STEPS:
         if name not in only and not (name == "start" and "drain" in only):
             continue
@@ -238,25 +238,37 @@ def _run_workloads(run: Run, only: list[str]) -> int:
         contention = describe_contention(cpu0, cpu_sample(postmaster))
         run.loads.append((f"after {name}", f"{load_average()} ({contention})"))
         _progress(f"{name} done in {time.monotonic() - t0:.0f} s, load average {run.loads[-1][1]}")
-        probe = _probe(run, f"after {name}")
-        run.drift.append(probe)
-        first = run.drift[0]
-        _progress(
-            f"probe: {probe.commits_s:,.0f} commits/s ({probe.commits_s / first.commits_s:.2f}x the first), "
-            f"Python {probe.python_ops_s / first.python_ops_s:.2f}x the first"
-        )
+        _record_probe(run, f"after {name}")
     return failed
 
 
-def _probe(run: Run, when: str) -> Probe:
+def _record_probe(run: Run, when: str) -> None:
     """Measure how fast the machine is now, so a reader can see it change between workloads.
 
     Two figures: the one-connection commit ceiling (a round trip, a little server CPU and a WAL
     flush) over ``probe_s``, and the speed of a fixed loop of Python (the client's CPU). Each
-    workload runs once, and on shared machines their speed moves by a quarter within minutes.
+    workload runs once, and on shared machines their speed moves by a quarter within minutes. A
+    probe that fails (the server a broken workload left down, say) is logged and left out: it must
+    not cost the run its results.
     """
-    commits = _throughput.commit_ceiling(run.dsn, "bench_probe", 1, run.size.probe_s)
-    return Probe(when, commits, python_speed())
+    if "bench_probe" not in run.schemas:
+        run.schemas.append("bench_probe")  # dropped with the others at the end, whatever happens
+    try:
+        commits = _throughput.commit_ceiling(run.dsn, "bench_probe", 1, run.size.probe_s)
+    except Exception:
+        log.exception("drift probe %s failed", when)
+        return
+    if commits <= 0:
+        log.error("drift probe %s committed nothing", when)
+        return
+    probe = Probe(when, commits, python_speed())
+    run.drift.append(probe)
+    first = run.drift[0]
+    _progress(
+        f"probe {when}: {probe.commits_s:,.0f} commits/s "
+        f"({probe.commits_s / first.commits_s:.2f}x the first), "
+        f"Python {probe.python_ops_s / first.python_ops_s:.2f}x the first"
+    )
 
 
 def _shown_argv(argv: list[str] | None) -> list[str]:

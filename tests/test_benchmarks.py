@@ -218,5 +218,5 @@ def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path)
     drift = text.split("## Drift", 1)[1].split("##", 1)[0]
     for step in ("baseline", "start", "chain", "fan", "latency", "history"):
         assert f"| after {step} | " in drift, drift
-    assert "| start | " in drift, drift
+    assert "| before | " in drift, drift
     assert "| 1.00x | 1.00x |" in drift, drift

@@ -482,7 +482,6 @@ class WorkflowCoordinator:
         return total
 
 
-#: how many ids a batch start makes at a time
 def _superseded(requests: list[StartWorkflowRequest]) -> ConcurrencyConflictError:
     """Return the error of a start whose latest versions were superseded STALE_ATTEMPTS times running."""
     names = sorted({f"{r.namespace}/{r.workflow_name}" for r in requests if r.version is None})
@@ -492,6 +491,7 @@ def _superseded(requests: list[StartWorkflowRequest]) -> ConcurrencyConflictErro
     )
 
 
+#: how many ids a batch start makes at a time
 _ID_CHUNK = 256
 
 
