@@ -17,7 +17,10 @@
 -- reads every column of that type to check it (the table constraints dropped below guaranteed it),
 -- and the table constraints that read a changed column are checked again: 0.7 s in all for 200,000
 -- single-task workflows and their 400,000 events (2 cores). The migration holds ACCESS EXCLUSIVE
--- locks on the six tables until it commits.
+-- locks on the six tables until it commits. The changed columns lose their planner statistics until
+-- autovacuum analyses their tables again; the engine's statements reach rows by key and through
+-- partial indexes, so their plans do not depend on them. (Not ANALYZE here: on a new, empty schema it
+-- would record the tables as analysed and empty, and plans cached on that would scan them whole.)
 -- A statement a running engine prepared before, that returns a changed column, is refused from then
 -- on ("cached plan must not change result type"): this engine replaces such a connection after one
 -- failed call, an older engine fails on it until restarted, so restart older engines after applying
@@ -74,12 +77,3 @@ ALTER DOMAIN positive_integer ADD CONSTRAINT ck_positive_integer CHECK (VALUE >=
 ALTER DOMAIN nonnegative_bigint ADD CONSTRAINT ck_nonnegative_bigint CHECK (VALUE >= 0);
 ALTER DOMAIN positive_bigint ADD CONSTRAINT ck_positive_bigint CHECK (VALUE >= 1);
 ALTER DOMAIN positive_interval ADD CONSTRAINT ck_positive_interval CHECK (VALUE > interval '0');
-
--- A column whose type changes loses its statistics: gather them again (the changed columns only), so
--- the planner does not fall back on default estimates until autovacuum analyses the tables.
-ANALYZE workflow_definitions (version);
-ANALYZE workflow_instances (state, sequence_number);
-ANALYZE task_executions (state, kind, attempt_number, max_attempts, fence_token);
-ANALYZE execution_leases (fence_token);
-ANALYZE events (sequence_number);
-ANALYZE waiting_workers (free, lease_duration);
