@@ -8,8 +8,10 @@
 -- statement writes a value of that type, so an update that leaves the state alone checks no state.
 -- Counted by callgrind in the server process, one call at a time: a start of one workflow took
 -- 925,000 instructions before and 752,000 after (-19%), a poll and a completion of one task 4.98
--- against 4.68 million (-6%). The constraints that relate two columns stay on their tables (they
--- account for most of what is left: 141,000 instructions of a start).
+-- against 4.68 million (-6%). Statements of many rows gain nothing: in paired timings a bulk start of
+-- 100 and a poll plus completion of 100 tasks took as much server CPU as before, within 1.5%. The
+-- constraints that relate two columns stay on their tables (most of what is left: 141,000
+-- instructions of a start).
 --
 -- Each domain is made without its constraint and given it after the columns have taken the type:
 -- changing a column to a domain that has constraints rewrites the table, to one that has none only
