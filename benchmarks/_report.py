@@ -130,14 +130,14 @@ def drift_lines(drift: Sequence[Probe]) -> list[str]:
         "",
         "Each workload runs once, so a change in the machine's speed during the run moves its row. "
         "Before the first workload and after each one, the run measures the one-connection commit "
-        "ceiling briefly and times a fixed loop of Python (the client's CPU speed); compare each "
-        "workload's row with the probes on either side of it.",
+        "ceiling briefly and times a fixed loop of Python (the client's CPU speed, comparable across "
+        "runs of the same Python); compare each workload's row with the probes on either side of it.",
         "",
-        "| when | commits/s, 1 connection | x first | Python speed x first |",
-        "|---|---|---|---|",
+        "| when | commits/s, 1 connection | x first | Python loop, million iterations/s | x first |",
+        "|---|---|---|---|---|",
         *(
             f"| {p.when} | {p.commits_s:,.0f} | {p.commits_s / first.commits_s:.2f}x | "
-            f"{p.python_ops_s / first.python_ops_s:.2f}x |"
+            f"{p.python_ops_s / 1e6:.2f} | {p.python_ops_s / first.python_ops_s:.2f}x |"
             for p in drift
         ),
         "",
