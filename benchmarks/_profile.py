@@ -135,11 +135,14 @@ def _print_statements(dsn: str, tasks: int) -> None:
     rows = [r for r in rows if not any(m in r["query"] for m in HARNESS_MARKERS)]
     total = sum(r["exec_ms"] + r["plan_ms"] for r in rows) or 1.0
     print(f"database time (exec + plan): {total / tasks:.3f} ms/task")
-    print(f"{'calls/task':>10} {'exec ms/call':>12} {'plan ms/call':>12} {'% of db':>7}  statement")
+    print(
+        f"{'calls/task':>10} {'exec ms/call':>12} {'plans/call':>10} {'ms/plan':>8} {'% of db':>7}  statement"
+    )
     for r in rows[:20]:
         calls = r["calls"] or 1
         print(
-            f"{r['calls'] / tasks:10.2f} {r['exec_ms'] / calls:12.3f} {r['plan_ms'] / calls:12.3f} "
+            f"{r['calls'] / tasks:10.2f} {r['exec_ms'] / calls:12.3f} {r['plans'] / calls:10.2f} "
+            f"{r['plan_ms'] / (r['plans'] or 1):8.3f} "
             f"{(r['exec_ms'] + r['plan_ms']) / total * 100:6.1f}%  {_first_words(r['query'])}"
         )
 

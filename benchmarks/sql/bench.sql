@@ -77,7 +77,7 @@ SELECT count(*) FROM {schema}.workflow_instances WHERE run_id LIKE 'cycle-%%'
 
 -- name: profile_statements
 -- pg_stat_statements rows of one workload: statements naming its schema, plus transaction control.
-SELECT query, calls, total_exec_time AS exec_ms, total_plan_time AS plan_ms
+SELECT query, calls, plans, total_exec_time AS exec_ms, total_plan_time AS plan_ms
 FROM pg_stat_statements
 WHERE strpos(query, %(schema)s) > 0 OR query IN ('BEGIN', 'COMMIT')
 ORDER BY total_exec_time + total_plan_time DESC
