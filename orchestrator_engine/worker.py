@@ -841,7 +841,7 @@ class _GroupCompleter:
         items = [(ctx.execution.execution_id, ctx.execution.fence_token, value) for ctx, value in live]
         return worker._resending(
             f"worker {worker.worker_id}: recording {len(items)} results",
-            lambda: dict(worker.tasks._complete_batch(worker.worker_id, items)),
+            lambda: dict(worker.tasks._complete_batch(worker.worker_id, items, whole=False)),
         )
 
 

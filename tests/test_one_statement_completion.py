@@ -244,6 +244,38 @@ def test_a_batch_of_completions_across_workflows_is_one_round_trip(
         assert check_invariants(conn).ok
 
 
+def test_the_workers_group_commit_is_answered_with_ids_and_writes_the_same(
+    one_conn: Pool, engine_config: EngineConfig, dsn: str
+) -> None:
+    # the worker's batch (whole=False) gets each accepted result's id only, not its whole row; what it
+    # writes is what complete_tasks writes: the same states, outputs, inputs and events
+    wc, tc = _coordinators(one_conn, engine_config)
+    register(wc, "pair", chain("a", "b"))
+    histories = []
+    for whole in (True, False):
+        instances = [start(wc, "pair", {"n": i}) for i in range(3)]
+        worker = new_worker()
+        for step in ("a", "b"):
+            leased = poll_all(tc, worker)
+            assert sorted(e.task_id for e in leased) == [step] * 3
+            results = [(e.execution_id, e.fence_token, {"did": e.task_id}) for e in leased]
+            with round_trips(one_conn) as trips:
+                outcome = tc._complete_batch(worker, results, whole=whole)
+            assert trips == [1]
+            assert set(outcome) == {e.execution_id for e in leased}
+            for eid, row in outcome.items():
+                assert not isinstance(row, Exception)
+                assert row["execution_id"] == eid
+                assert ("input" in row) is whole, sorted(row)
+        finished = [wc.get_workflow(i.instance_id) for i in instances]
+        assert {w.state for w in finished} == {WorkflowState.COMPLETED}
+        assert [w.output for w in finished] == [{"a": {"did": "a"}, "b": {"did": "b"}}] * 3
+        histories.append([_events(one_conn, engine_config, i.instance_id) for i in instances])
+    assert histories[0] == histories[1]
+    with psycopg.connect(dsn) as conn:
+        assert check_invariants(conn).ok
+
+
 def test_one_statement_writes_what_the_general_path_writes(pool: Pool, engine_config: EngineConfig) -> None:
     # the same diamond run twice: completed one statement each, and inside a host transaction, which
     # takes the general path (three statements): the events, inputs and output must be the same

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from orchestrator_engine.repositories.base import _cursor, keep_cursor
-from orchestrator_engine.sql import _native, native_queries, raw_queries
+from orchestrator_engine.sql import _derive, _native, native_queries, raw_queries
 
 
 def test_each_name_is_one_placeholder_numbered_in_order_of_first_use() -> None:
@@ -28,6 +28,20 @@ def test_every_statement_converts_without_a_leftover_placeholder() -> None:
         numbers = {int(n) for n in re.findall(r"\$(\d+)", text)}
         assert numbers == set(range(1, len(native.names) + 1)), name
         assert set(native.names) == set(re.findall(r"%\((\w+)\)s", raw_queries()[name])), name
+
+
+def test_a_derived_statement_is_its_block_with_one_text_replaced() -> None:
+    blocks = {"a": "SELECT x, y FROM t WHERE y > x"}
+    assert _derive(blocks, {"b": ("a", "SELECT x,", "SELECT z,")}) == {"b": "SELECT z, y FROM t WHERE y > x"}
+    for bad in (("a", "x", "z"), ("a", "SELECT w,", "SELECT z,")):  # twice; not at all
+        with pytest.raises(RuntimeError, match="not once"):
+            _derive(blocks, {"b": bad})
+    with pytest.raises(RuntimeError, match="exists"):
+        _derive(blocks, {"a": ("a", "SELECT x,", "SELECT z,")})
+    # the worker's completion differs from the whole-row one in its result list only
+    ids, whole = raw_queries()["task_complete_many_ids"], raw_queries()["task_complete_many"]
+    assert ids != whole
+    assert ids.replace("SELECT f.execution_id,", "SELECT f.*,") == whole
 
 
 def test_a_named_parameter_used_twice_is_sent_once(dsn: str) -> None:

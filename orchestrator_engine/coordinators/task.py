@@ -250,7 +250,7 @@ class TaskCoordinator:
         after it. Instances are locked in instance order, so concurrent batches cannot deadlock. A
         database error may leave part of the batch recorded; retrying the batch is safe.
         """
-        return self._executions(self._complete_batch(worker_id, results))
+        return self._executions(self._complete_batch(worker_id, results, whole=True))
 
     def _executions(
         self, accepted: dict[UUID, Row | OrchestratorError]
@@ -274,11 +274,13 @@ class TaskCoordinator:
 
     @traced("orchestrator.complete_tasks")
     def _complete_batch(
-        self, worker_id: UUID | str, results: Iterable[tuple[UUID | str, int, Any]]
+        self, worker_id: UUID | str, results: Iterable[tuple[UUID | str, int, Any]], *, whole: bool
     ) -> dict[UUID, Row | OrchestratorError]:
-        """Like ``complete_tasks``, but answer accepted results with a few columns, not a TaskExecution.
+        """Like ``complete_tasks``, but answer accepted results with rows, not TaskExecutions.
 
-        This is the worker's group commit: it skips reading the completed rows back.
+        The rows the one-statement completion wrote are whole if ``whole``, else their ids only; those
+        of the general path have a few columns (``_executions`` reads them whole). The worker's group
+        commit asks for no whole rows: it only tells accepted results from refused ones.
         """
         wid = as_uuid(worker_id, "worker_id")
         outcome: dict[UUID, Row | OrchestratorError] = {}
@@ -292,11 +294,11 @@ class TaskCoordinator:
             except PayloadError as exc:
                 outcome[eid] = exc
         if todo:
-            outcome.update(self._complete_at_once(wid, todo))
+            outcome.update(self._complete_at_once(wid, todo, whole=whole))
         return outcome
 
     def _complete_at_once(
-        self, wid: UUID, results: Sequence[FinishResult]
+        self, wid: UUID, results: Sequence[FinishResult], *, whole: bool
     ) -> dict[UUID, Row | OrchestratorError]:
         """Record completions ``wid`` holds, as ``_finish_in`` would: in one statement (one round trip,
         one commit) for forward tasks of running workflows, the rest with ``_finish_in`` after it.
@@ -308,7 +310,7 @@ class TaskCoordinator:
         unique = _first_of_each(results)
         channel = self._engine.channel if self._engine.config.notify else None
         with self._engine.single() as c:
-            rows = self._engine.repos.executions.task_complete_many(c, wid, unique, channel)
+            rows = self._engine.repos.executions.task_complete_many(c, wid, unique, channel, whole=whole)
         outcome: dict[UUID, Row | OrchestratorError] = {
             row["execution_id"]: row for row in rows if row["execution_id"] is not None
         }
@@ -328,7 +330,7 @@ class TaskCoordinator:
     ) -> TaskExecution:
         eid = result[0]
         if conn is None and result[2] == "COMPLETED":
-            done = self._executions(self._complete_at_once(wid, [result]))[eid]
+            done = self._executions(self._complete_at_once(wid, [result], whole=True))[eid]
             if isinstance(done, OrchestratorError):
                 raise done
             return done

@@ -77,14 +77,17 @@ class ExecutionRepository(Repository):
         worker_id: UUID,
         results: Sequence[FinishResult],
         channel: str | None,
+        *,
+        whole: bool,
     ) -> list[Row]:
         """Complete forward results of running workflows in one statement (see the statement).
 
         Always returns a row; each row's ``general`` lists the results left to the general path, of
-        workflows the statement did not touch; the rest were written.
+        workflows the statement did not touch; the rest were written. Each finished execution's row
+        comes back whole if ``whole``, else with its ``execution_id`` only.
         """
         params = {**self.finish_parameters(worker_id, results), "channel": channel}
-        return self._all(conn, "task_complete_many", params)
+        return self._all(conn, "task_complete_many" if whole else "task_complete_many_ids", params)
 
     @staticmethod
     def finish_parameters(worker_id: UUID, results: Sequence[FinishResult]) -> dict[str, Any]:

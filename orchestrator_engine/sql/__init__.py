@@ -20,6 +20,14 @@ _FILES = (
     "workers.sql",
     "check.sql",
 )
+#: statements made from a block by one replacement, so that the two cannot drift apart:
+#: name -> (the block, the text replaced, which must occur in it exactly once, and its replacement)
+_DERIVED = {
+    # the worker's group commit: the same completion, answered with the ids of the finished
+    # executions only. The worker reads nothing else, and the whole rows (every column, inputs and
+    # outputs as JSON) cost it about a quarter of its CPU to load.
+    "task_complete_many_ids": ("task_complete_many", "SELECT f.*,", "SELECT f.execution_id,"),
+}
 
 
 def _parse(text: str) -> dict[str, str]:
@@ -29,7 +37,7 @@ def _parse(text: str) -> dict[str, str]:
 
 @cache
 def raw_queries() -> dict[str, str]:
-    """Return every named block of every ``.sql`` file, unrendered."""
+    """Return every named block of every ``.sql`` file, and the blocks derived from them, unrendered."""
     out: dict[str, str] = {}
     for name in _FILES:
         text = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
@@ -37,6 +45,16 @@ def raw_queries() -> dict[str, str]:
             if key in out:
                 raise RuntimeError(f"duplicate query name {key!r} in {name}")
             out[key] = body
+    return {**out, **_derive(out, _DERIVED)}
+
+
+def _derive(blocks: dict[str, str], derived: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+    """Return the derived statements (see _DERIVED) made from ``blocks``."""
+    out = {}
+    for key, (source, old, new) in derived.items():
+        if key in blocks or blocks[source].count(old) != 1:
+            raise RuntimeError(f"{key}: a block of that name exists, or {old!r} is not once in {source}")
+        out[key] = blocks[source].replace(old, new)
     return out
 
 

@@ -286,6 +286,8 @@ SELECT * FROM finished f ORDER BY f.workflow_instance_id, f.execution_id
 -- Outputs of the executions this statement finishes are not in its snapshot: the dependents' inputs
 -- and the workflow's output take them from the batch, through `deps` and `summary`.
 -- Returns the finished executions' rows (every column), or one row of NULLs, each with `general`.
+-- task_complete_many_ids (sql/__init__.py) is this statement answering with the finished executions'
+-- ids only, for the worker's group commit.
 WITH req AS MATERIALIZED (
     SELECT (r->>'e')::uuid AS execution_id, (r->>'t')::numeric AS fence_token, r->>'s' AS state,
            r->'o' AS output
