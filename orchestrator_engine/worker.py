@@ -10,6 +10,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,8 +51,15 @@ WAIT_REFRESH = 3.0
 WAIT_MIN_GAP = 0.1
 #: tries (50 ms apart) to take the advisory lock that shows a worker's listener is alive
 LOCK_TRIES = 20
+#: how many of the latest ready -> started latencies WorkerStats keeps
+LATENCY_WINDOW = 10_000
 #: guards the first use of a TaskContext's lease_lost event (made lazily)
 _LEASE_LOST_LOCK = threading.Lock()
+
+
+def _latency_window() -> deque[float]:
+    """Return an empty window of LATENCY_WINDOW latencies (read when a WorkerStats is made)."""
+    return deque(maxlen=LATENCY_WINDOW)
 
 
 @dataclass
@@ -67,7 +75,9 @@ class WorkerStats:
     listener_reconnects: int = 0
     #: tasks a start leased to this worker directly (no poll)
     direct: int = 0
-    start_latencies: list[float] = field(default_factory=list)
+    #: ready -> started, in seconds, of the latest LATENCY_WINDOW tasks this worker was leased (a
+    #: window, so that a worker that runs for months does not keep one number per task)
+    start_latencies: deque[float] = field(default_factory=_latency_window)
 
 
 class TaskContext:

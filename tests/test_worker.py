@@ -47,6 +47,7 @@ from orchestrator_engine import (
     create_pool,
     telemetry,
 )
+from orchestrator_engine import worker as worker_module
 from orchestrator_engine.check import check_invariants
 from orchestrator_engine.errors import LeaseLostError
 from orchestrator_engine.worker import Handler, TaskContext, Worker
@@ -774,6 +775,25 @@ def test_a_handler_slot_frees_while_its_result_waits_for_the_commit(
         blocker.rollback()
         assert _wait_until_finished(workflows, first.instance_id) is WorkflowState.COMPLETED
         assert _wait_until_finished(workflows, second.instance_id) is WorkflowState.COMPLETED
+
+
+def test_a_worker_keeps_the_start_latencies_of_its_latest_tasks_only(
+    pool: Pool,
+    engine_config: EngineConfig,
+    workflows: WorkflowCoordinator,
+    tables: Tables,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # one number per task for ever would grow without bound in a worker that runs for months
+    monkeypatch.setattr(worker_module, "LATENCY_WINDOW", 5)
+    workflows.register_workflow(_single("tick", "tick"))
+    _start(workflows, "tick", 12)
+    worker = Worker(pool, {"tick": lambda ctx: None}, config=engine_config, concurrency=4)
+    with worker:
+        wait_for("12 workflows to complete", lambda: tables.all_completed(12))
+    assert worker.stats.started == 12
+    assert len(worker.stats.start_latencies) == 5
+    assert all(latency >= 0 for latency in worker.stats.start_latencies)
 
 
 # -- wake-up ------------------------------------------------------------------------------------------
