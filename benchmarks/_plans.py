@@ -95,7 +95,8 @@ def parameters(sample: TaskSample) -> dict[str, dict[str, Any]]:
         "task_finish_if_fenced": ExecutionRepository.finish_parameters(
             sample.worker_id, [(sample.execution_id, sample.fence_token, "COMPLETED", "null", None)]
         ),
-        # what a worker's batch of completions runs: all of it in one statement, unless the batch
+        # what complete_task(s) runs, and a worker's batch of completions as task_complete_many_ids
+        # (the same plan but for its result list): all of it in one statement, unless the batch
         # needs the general path (the three statements around this one)
         "task_complete_many": {
             **ExecutionRepository.finish_parameters(

@@ -10,7 +10,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,15 +50,10 @@ WAIT_REFRESH = 3.0
 WAIT_MIN_GAP = 0.1
 #: tries (50 ms apart) to take the advisory lock that shows a worker's listener is alive
 LOCK_TRIES = 20
-#: how many of the latest ready -> started latencies WorkerStats keeps
+#: WorkerStats keeps at least this many of the latest ready -> started latencies, at most twice as many
 LATENCY_WINDOW = 10_000
 #: guards the first use of a TaskContext's lease_lost event (made lazily)
 _LEASE_LOST_LOCK = threading.Lock()
-
-
-def _latency_window() -> deque[float]:
-    """Return an empty window of LATENCY_WINDOW latencies (read when a WorkerStats is made)."""
-    return deque(maxlen=LATENCY_WINDOW)
 
 
 @dataclass
@@ -75,9 +69,10 @@ class WorkerStats:
     listener_reconnects: int = 0
     #: tasks a start leased to this worker directly (no poll)
     direct: int = 0
-    #: ready -> started, in seconds, of the latest LATENCY_WINDOW tasks this worker was leased (a
-    #: window, so that a worker that runs for months does not keep one number per task)
-    start_latencies: deque[float] = field(default_factory=_latency_window)
+    #: ready -> started, in seconds, of the latest tasks this worker was leased: the oldest are dropped
+    #: once there are 2 x LATENCY_WINDOW, so that a worker that runs for months does not keep one
+    #: number per task (a list, so reading it while the worker appends never raises)
+    start_latencies: list[float] = field(default_factory=list)
 
 
 class TaskContext:
@@ -413,7 +408,10 @@ class Worker:
         telemetry.count("orchestrator.tasks.started", 1, task_type=execution.task_type)
         if execution.ready_at is not None and execution.started_at is not None:
             latency = (execution.started_at - execution.ready_at).total_seconds()
-            self.stats.start_latencies.append(latency)
+            latencies = self.stats.start_latencies
+            latencies.append(latency)
+            if len(latencies) > 2 * LATENCY_WINDOW:
+                del latencies[:-LATENCY_WINDOW]  # amortised: once per LATENCY_WINDOW tasks
             telemetry.record_seconds(
                 "orchestrator.tasks.ready_to_start", latency, task_type=execution.task_type
             )
@@ -778,8 +776,9 @@ class _GroupCompleter:
 
     Handler threads queue their results and return at once, so their slots take new work while the
     results are being written. This thread takes everything queued (up to MAX_BATCH) and records it
-    with one ``complete_tasks`` batch, a few statements and one commit (one WAL flush) whatever its
-    size; a lone result is written at once, so batching adds no latency. Connection trouble resends
+    as one batch, as ``complete_tasks`` would (one statement and one commit, one WAL flush, whatever
+    its size, unless part of it needs the general path), answered with ids, not whole rows; a lone
+    result is written at once, so batching adds no latency. Connection trouble resends
     the batch (an accepted result repeated is a no-op); a refused fence drops that one result.
     """
 

@@ -38,10 +38,16 @@ def test_a_derived_statement_is_its_block_with_one_text_replaced() -> None:
             _derive(blocks, {"b": bad})
     with pytest.raises(RuntimeError, match="exists"):
         _derive(blocks, {"a": ("a", "SELECT x,", "SELECT z,")})
+    with pytest.raises(RuntimeError, match="block b"):
+        _derive(blocks, {"c": ("b", "SELECT x,", "SELECT z,")})
     # the worker's completion differs from the whole-row one in its result list only
     ids, whole = raw_queries()["task_complete_many_ids"], raw_queries()["task_complete_many"]
     assert ids != whole
     assert ids.replace("SELECT f.execution_id,", "SELECT f.*,") == whole
+    # ... the statement's own, after its last CTE: no query of the WITH list is narrowed
+    final = whole[whole.index("SELECT f.*,") :]
+    assert not re.search(r"\bAS\s+(MATERIALIZED\s+)?\(", final), final
+    assert whole.rindex("\n), ") < whole.index("SELECT f.*,")
 
 
 def test_a_named_parameter_used_twice_is_sent_once(dsn: str) -> None:

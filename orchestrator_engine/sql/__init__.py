@@ -52,8 +52,10 @@ def _derive(blocks: dict[str, str], derived: dict[str, tuple[str, str, str]]) ->
     """Return the derived statements (see _DERIVED) made from ``blocks``."""
     out = {}
     for key, (source, old, new) in derived.items():
-        if key in blocks or blocks[source].count(old) != 1:
-            raise RuntimeError(f"{key}: a block of that name exists, or {old!r} is not once in {source}")
+        if key in blocks or source not in blocks or blocks[source].count(old) != 1:
+            raise RuntimeError(
+                f"{key}: a block of that name exists, or {old!r} is not once in a block {source}"
+            )
         out[key] = blocks[source].replace(old, new)
     return out
 
