@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from orchestrator_engine import create_pool
+from orchestrator_engine.sql import native_queries
 
 from . import _shapes
 from ._env import fresh_schema, server, vacuum_analyze
@@ -134,6 +136,7 @@ def _print_statements(dsn: str, tasks: int) -> None:
         rows = conn.execute(bench_queries(SCHEMA)["profile_statements"], {"schema": SCHEMA}).fetchall()
     rows = [r for r in rows if not any(m in r["query"] for m in HARNESS_MARKERS)]
     total = sum(r["exec_ms"] + r["plan_ms"] for r in rows) or 1.0
+    names = _statement_names(SCHEMA)
     print(f"database time (exec + plan): {total / tasks:.3f} ms/task")
     print(
         f"{'calls/task':>10} {'exec ms/call':>12} {'plans/call':>10} {'ms/plan':>8} {'% of db':>7}  statement"
@@ -143,8 +146,32 @@ def _print_statements(dsn: str, tasks: int) -> None:
         print(
             f"{r['calls'] / tasks:10.2f} {r['exec_ms'] / calls:12.3f} {r['plans'] / calls:10.2f} "
             f"{r['plan_ms'] / (r['plans'] or 1):8.3f} "
-            f"{(r['exec_ms'] + r['plan_ms']) / total * 100:6.1f}%  {_first_words(r['query'])}"
+            f"{(r['exec_ms'] + r['plan_ms']) / total * 100:6.1f}%  "
+            f"{names.get(_shape(r['query'])) or _first_words(r['query'])}"
         )
+
+
+def _statement_names(schema: str) -> dict[str, str]:
+    """Map the shape (see _shape) of each named statement, the engine's and the benchmark's, to its name."""
+    names = {_shape(q.as_string()): f"(benchmark) {name}" for name, q in bench_queries(schema).items()}
+    names.update((_shape(q.text.decode()), name) for name, q in native_queries(schema).items())
+    return names
+
+
+_COMMENT = re.compile(r"--[^\n]*|%\(\w+\)s")
+_STRING = re.compile(r"'(?:[^']|'')*'")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+#: words that are, or may stand beside, a constant that pg_stat_statements shows as a parameter (an
+#: extract() field is one)
+_CONSTANT_WORDS = {"true", "false", "null", "interval", "epoch"}
+
+
+def _shape(query: str) -> str:
+    """Return the words of a statement that pg_stat_statements keeps as they are: no comments, no
+    constants or parameters (it shows constants as parameters; %(name)s is the benchmark's), no
+    punctuation."""
+    text = _STRING.sub(" ", _COMMENT.sub(" ", query))
+    return " ".join(w for w in _WORD.findall(text) if w.lower() not in _CONSTANT_WORDS)
 
 
 def _first_words(query: str) -> str:

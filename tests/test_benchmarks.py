@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _shapes
 from benchmarks._env import engine_config, vacuum_analyze
 from benchmarks._plans import SCHEMA, Population, auto_explained, parameters, populate
+from benchmarks._profile import _shape, _statement_names
+from benchmarks._sql import bench_queries
 from orchestrator_engine import TaskCoordinator, create_pool, migrate
-from orchestrator_engine.sql import queries
+from orchestrator_engine.sql import native_queries, queries
 
 ROOT = Path(__file__).resolve().parent.parent
 #: a few thousand finished workflows and a few hundred queued: enough that a sequential scan would
@@ -221,3 +223,17 @@ def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path)
     assert "| before | " in drift, drift
     before = next(line for line in drift.splitlines() if line.startswith("| before | "))
     assert before.count("| 1.00x |") == 2, before
+
+
+def test_the_profile_names_each_statement_by_its_words_alone() -> None:
+    # profile_drain labels pg_stat_statements rows by the words of each named statement: no two
+    # statements may share them, and constants, parameters and comments must not count
+    names = _statement_names("bench_profile")
+    assert len(names) == len(native_queries("bench_profile")) + len(bench_queries("bench_profile"))
+    assert names[_shape(native_queries("bench_profile")["task_complete_many_ids"].text.decode())] == (
+        "task_complete_many_ids"
+    )
+    assert _shape("SELECT a -- why\nFROM t WHERE b = 'x' AND c > 10 AND d = %(d)s") == _shape(
+        "SELECT a FROM t WHERE b = $1 AND c > $2 AND d = $3"
+    )
+    assert _shape("SELECT a FROM t") != _shape("SELECT b FROM t")
