@@ -158,7 +158,8 @@ def _statement_names(schema: str) -> dict[str, str]:
     return names
 
 
-_COMMENT = re.compile(r"--[^\n]*|%\(\w+\)s")
+#: comments, and the benchmark's %(name)s parameters
+_IGNORED = re.compile(r"--[^\n]*|%\(\w+\)s")
 _STRING = re.compile(r"'(?:[^']|'')*'")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 #: words that are, or may stand beside, a constant that pg_stat_statements shows as a parameter (an
@@ -170,7 +171,7 @@ def _shape(query: str) -> str:
     """Return the words of a statement that pg_stat_statements keeps as they are: no comments, no
     constants or parameters (it shows constants as parameters; %(name)s is the benchmark's), no
     punctuation."""
-    text = _STRING.sub(" ", _COMMENT.sub(" ", query))
+    text = _STRING.sub(" ", _IGNORED.sub(" ", query))
     return " ".join(w for w in _WORD.findall(text) if w.lower() not in _CONSTANT_WORDS)
 
 
