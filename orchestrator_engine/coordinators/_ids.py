@@ -31,15 +31,13 @@ def new_id_texts(count: int) -> list[str]:
     """Return ``count`` ids as ``new_id`` makes them, as text, from one clock read and one random read.
 
     For a batch of starts: building a UUID object per id, only to turn it into text for the
-    statement's JSON, took a fifth of a bulk start's client CPU.
+    statement's JSON, took a fifth of a bulk start's client CPU. The text is the 32 hex digits
+    without hyphens, which PostgreSQL's uuid input accepts (inserting the hyphens cost as much again).
     """
     ms = (time.time_ns() // 1_000_000) << 80 | _VERSION_AND_VARIANT
     noise = os.urandom(10 * count)
-    out = []
-    for i in range(0, 10 * count, 10):
-        h = "%032x" % (ms | int.from_bytes(noise[i : i + 10], "big") & _RANDOM_BITS)
-        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
-    return out
+    chunks = (noise[i : i + 10] for i in range(0, 10 * count, 10))
+    return ["%032x" % (ms | int.from_bytes(chunk, "big") & _RANDOM_BITS) for chunk in chunks]
 
 
 def as_uuid(value: object, what: str) -> UUID:

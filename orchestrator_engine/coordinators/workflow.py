@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -135,16 +135,26 @@ class WorkflowCoordinator:
         self, requests: list[StartWorkflowRequest], *, conn: psycopg.Connection[Any] | None = None
     ) -> list[WorkflowInstance]:
         """Start many runs in one transaction; each is idempotent per run_id like ``start_workflow``."""
-        checked = [(r, self._check_request(r)) for r in requests]
+        # a batch mostly starts runs of one workflow: check its names once
+        valid: set[tuple[str, str]] = set()
+        checked = [(r, self._check_request(r, valid)) for r in requests]
         if not checked:
             return []
         return self._start(conn, checked)
 
-    def _check_request(self, request: StartWorkflowRequest) -> str:
+    def _check_request(self, request: StartWorkflowRequest, valid: set[tuple[str, str]] | None = None) -> str:
+        """Check ``request`` and return its input as JSON text; ``valid``: names checked already."""
         if not isinstance(request, StartWorkflowRequest):
             raise TypeError(f"expected a StartWorkflowRequest, got {type(request).__name__}")
-        as_name(request.namespace, "namespace")
-        as_name(request.workflow_name, "workflow name")
+        names = (request.namespace, request.workflow_name)
+        known = valid if valid is not None else set()
+        # only plain strings are remembered: a str subclass is checked each time
+        plain = type(names[0]) is str and type(names[1]) is str
+        if not (plain and names in known):
+            as_name(request.namespace, "namespace")
+            as_name(request.workflow_name, "workflow name")
+            if plain:
+                known.add(names)
         as_run_id(request.run_id)
         as_version(request.version)
         return self._engine.encode(request.input, "workflow input")
@@ -245,7 +255,9 @@ class WorkflowCoordinator:
             return self._existing(c, request), False
         # a task leased in the start (direct dispatch) added its TASK_STARTED
         sequence_number = plan.sequence_number + row["granted"]
-        return _started_instance(request, definition.version, input_text, sequence_number, row), True
+        value = json.loads(input_text)
+        inserted = (row["instance_id"], row["created_at"], row["updated_at"])
+        return _started_instance(request, definition.version, value, sequence_number, inserted), True
 
     def _start_many(
         self,
@@ -273,17 +285,17 @@ class WorkflowCoordinator:
                 definition = definitions[(request.namespace, request.workflow_name, request.version)]
                 if definition is not None:
                     batch.add(request, input_text, definition, order)
-            rows = self._engine.repos.instances.workflow_start_many(
+            columns, rows = self._engine.repos.instances.workflow_start_many(
                 c, batch.instances, batch.plan_texts, channel=channel
             )
-            if not rows[0]["stale"]:
+            if not rows[0][columns.index("stale")]:
                 break
             # another engine registered a newer version since this one cached the latest: nothing was
             # written, so plan again on the latest versions read now (this repeats only while new
             # versions keep committing between that read and the statement)
         else:
             raise _superseded([request for request, _ in checked])
-        started = batch.started(rows)
+        started = batch.started(columns, rows)
         if announce is not None:
             announce.update(instance.namespace for instance in started.values())
         return [
@@ -509,7 +521,8 @@ class _StartBatch:
         self._ids: list[str] = []  # made in chunks: one clock and one random read for many starts
         self._plan_of = plan_of or _start_plan  # the coordinator's goes through the engine's cache
         self._plans: dict[tuple[str, str, int], tuple[int, int]] = {}  # -> (index, sequence number)
-        self._meta: dict[str, tuple[StartWorkflowRequest, str, int, int]] = {}
+        #: by the instance id's integer, which the loaded UUID has at hand (its text it must format)
+        self._meta: dict[int, tuple[StartWorkflowRequest, str, int, int]] = {}
 
     def add(
         self, request: StartWorkflowRequest, input_text: str, definition: WorkflowDefinition, order: int
@@ -526,7 +539,7 @@ class _StartBatch:
             self._ids = new_id_texts(max(needed, _ID_CHUNK))
         instance_id, execution_ids = self._ids[-1], self._ids[-needed:-1]
         del self._ids[-needed:]
-        self._meta[instance_id] = (request, input_text, definition.version, plan[1])
+        self._meta[int(instance_id, 16)] = (request, input_text, definition.version, plan[1])
         ids = ",".join(f'"{e}"' for e in execution_ids)
         # written out here, not by json.dumps of a dict: the input goes in as the text its encoding
         # checked (encoding it again inside the dict cost a tenth of a bulk start's client CPU), and
@@ -541,15 +554,19 @@ class _StartBatch:
             f'"execution_ids":[{ids}]}}'
         )
 
-    def started(self, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], WorkflowInstance]:
-        """Map (namespace, workflow name, run_id) to each instance the statement inserted."""
+    def started(
+        self, columns: list[str], rows: list[tuple[Any, ...]]
+    ) -> dict[tuple[str, str, str], WorkflowInstance]:
+        """Map (namespace, workflow name, run_id) to each instance the statement inserted (its rows)."""
+        at, created, updated = (columns.index(c) for c in ("instance_id", "created_at", "updated_at"))
+        # the row of NULLs (nothing was started) has no id
+        found = [(self._meta[row[at].int], row) for row in rows if row[at] is not None]
+        # the inputs decoded by one call: a call per input cost more than decoding them
+        inputs = json.loads("[" + ",".join(meta[1] for meta, _ in found) + "]")
         out = {}
-        for row in rows:
-            if row["instance_id"] is None:
-                continue  # the row of NULLs: nothing was started
-            request, input_text, version, sequence_number = self._meta[str(row["instance_id"])]
+        for ((request, _, version, sequence_number), row), value in zip(found, inputs, strict=True):
             out[(request.namespace, request.workflow_name, request.run_id)] = _started_instance(
-                request, version, input_text, sequence_number, row
+                request, version, value, sequence_number, (row[at], row[created], row[updated])
             )
         return out
 
@@ -557,27 +574,29 @@ class _StartBatch:
 def _started_instance(
     request: StartWorkflowRequest,
     version: int,
-    input_text: str,
+    value: Any,
     sequence_number: int,
-    row: dict[str, Any],
+    inserted: tuple[UUID, datetime, datetime],
 ) -> WorkflowInstance:
-    """Return the instance a start statement inserted: its row holds only the id and timestamps.
+    """Return the instance a start statement inserted: its row holds only the id and timestamps
+    (``inserted``: instance_id, created_at, updated_at).
 
-    The input is decoded from the text the start sent, so the instance holds the JSON the database
-    has (a tuple comes back a list), and only for runs the statement started.
+    ``value`` is the input decoded from the text the start sent, so the instance holds the JSON the
+    database has, not the caller's objects; it is decoded only for runs the statement started.
     """
+    instance_id, created_at, updated_at = inserted
     return WorkflowInstance(
-        instance_id=row["instance_id"],
+        instance_id=instance_id,
         namespace=request.namespace,
         workflow_name=request.workflow_name,
         workflow_version=version,
         run_id=request.run_id,
         state=W.RUNNING,
-        input=json.loads(input_text),
+        input=value,
         output=None,
         sequence_number=sequence_number,
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        created_at=created_at,
+        updated_at=updated_at,
     )
 
 

@@ -223,6 +223,16 @@ def start(**overrides: Any) -> Call:
     return call
 
 
+class _Posing(str):
+    """A name that claims to be the workflow "ok" whatever its characters."""
+
+    def __eq__(self, other: object) -> bool:
+        return other == "ok"
+
+    def __hash__(self) -> int:
+        return hash("ok")
+
+
 def start_input(value: Any) -> Call:
     return start(input=value)
 
@@ -478,6 +488,29 @@ CASES: list[Case] = [
         ),
         PayloadError,
         "workflow input",
+    ),
+    Case(
+        "start-batch-bad-name-after-good-ones",
+        lambda ctx: ctx.wc.start_workflows(
+            [
+                StartWorkflowRequest(NS, "ok", f"good-{uuid.uuid4()}"),
+                StartWorkflowRequest(NS, "not ok!", "bad"),
+            ]
+        ),
+        ValueError,
+        "workflow name",
+    ),
+    Case(
+        # a batch checks a workflow's names once; a str subclass that claims to equal them is checked anew
+        "start-batch-name-posing-as-a-checked-one",
+        lambda ctx: ctx.wc.start_workflows(
+            [
+                StartWorkflowRequest(NS, "ok", f"good-{uuid.uuid4()}"),
+                StartWorkflowRequest(NS, _Posing("x y"), "bad"),
+            ]
+        ),
+        ValueError,
+        "workflow name",
     ),
     # -- payloads jsonb cannot store -------------------------------------------------------------------
     Case("input-nul-in-value", start_input({"k": "a\x00b"}), PayloadError, "NUL"),
