@@ -9,7 +9,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from orchestrator_engine.repositories.base import _cursor, keep_cursor
+from orchestrator_engine import (
+    EngineConfig,
+    StartWorkflowRequest,
+    TaskDefinition,
+    WorkflowCoordinator,
+    WorkflowDefinition,
+    create_pool,
+)
+from orchestrator_engine.repositories.base import PREPARED_AT_ONCE, _cursor, keep_cursor
 from orchestrator_engine.sql import _derive, _native, native_queries, raw_queries
 
 
@@ -111,3 +119,22 @@ def test_a_kept_cursor_is_reused_after_a_failed_statement(dsn: str) -> None:
             assert again is cur
             again.execute(b"SELECT 2")
             assert again.fetchall() == [(2,)]
+
+
+def test_each_statement_prepared_at_once_exists() -> None:
+    assert PREPARED_AT_ONCE.issubset(raw_queries())
+
+
+def test_hot_statements_are_prepared_on_first_use_and_the_rest_after_psycopgs_threshold(
+    engine_config: EngineConfig,
+) -> None:
+    # one connection, so that the start and the reads below run on the one whose statements are listed
+    with create_pool(engine_config, min_size=1, max_size=1) as pool:
+        workflows = WorkflowCoordinator(pool, engine_config)
+        workflows.register_workflow(WorkflowDefinition("prep", "one", [TaskDefinition("t")]))
+        started = workflows.start_workflow(StartWorkflowRequest("prep", "one", "run-1"))
+        assert workflows.get_workflow(started.instance_id) == started
+        with pool.connection() as conn:
+            prepared = [r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")]
+    assert sum("INSERT INTO" in s and "workflow_instances" in s for s in prepared) == 1, "the start"
+    assert not any(s.startswith("SELECT * FROM") for s in prepared), "workflow_get ran once only"
