@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from orchestrator_engine import EngineConfig, create_pool
+from orchestrator_engine import EngineConfig, WorkflowDefinition, create_pool
 
 from . import _fleet, _history, _latency, _shapes, _throughput
 from ._env import (
@@ -343,6 +343,8 @@ def run_start(run: Run, only: list[str]) -> None:
                 *at_least(value, target, "/s"),
             )
         )
+        if (batch, threads) == (1, 1):
+            _statement_row(run, definition, value)
     run.method.append(
         f"**start**: {size.starts:,} single-task workflows started with one `start_workflow` call (one "
         f"transaction) each, first from one thread, whose rate is bounded by one commit (WAL flush) per "
@@ -350,7 +352,11 @@ def run_start(run: Run, only: list[str]) -> None:
         f"as a service's request threads would; then {size.starts:,} through `start_workflows` in calls of "
         f"{size.start_batch} from one thread, and {size.starts:,} more from {run.processes} threads (one "
         "caller per worker process of the drains). No version given, as a caller would. Each set runs in "
-        "a schema of its own."
+        "a schema of its own. The *statement alone* row is the floor under the one-thread `start_workflow` "
+        f"row: {size.starts:,} more runs started by sending that call's statement (`workflow_start_one`, "
+        "prepared, notifying as the call does) from one thread through a bare psycopg cursor, its "
+        "parameters made beforehand by the engine's own code. Its status cell gives the one-thread row's "
+        "rate as a share of it: the rest is the engine's Python around the statement."
     )
     if "drain" in only:
         _drain_row(run, schemas["start_single"], 1, run.concurrency)
@@ -367,6 +373,23 @@ def run_start(run: Run, only: list[str]) -> None:
             "their pools are open. Rate = completed tasks / (max `workflow_instances.updated_at` - min "
             "`task_executions.started_at`), both read from the database."
         )
+
+
+def _statement_row(run: Run, definition: WorkflowDefinition, call_rate: float) -> None:
+    """Add the floor under the one-thread start_workflow row (``call_rate``): its statement alone."""
+    config = run.schema("start_statement")
+    with create_pool(config, min_size=1, max_size=1) as pool:
+        value = _throughput.statement_rate(pool, config, definition, run.size.starts)
+    run.rows.append(
+        Row(
+            f"start {run.size.starts:,} single-task",
+            "its statement alone (no engine code), 1 thread",
+            rate(value, "workflows/s"),
+            times_baseline(value, run.baseline_one),
+            "",
+            f"the row above runs at {call_rate / value:.2f}x this",
+        )
+    )
 
 
 def _drain_row(run: Run, config: EngineConfig, processes: int, concurrency: int) -> None:

@@ -13,6 +13,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orchestrator_engine import EngineConfig, WorkflowCoordinator, WorkflowDefinition
+from orchestrator_engine._payload import encode_payload
+from orchestrator_engine.coordinators.workflow import _start_plan, start_one_parameters
+from orchestrator_engine.sql import native_queries
 
 from ._env import drop_schema
 from ._fleet import WorkerSpec, run_workers
@@ -101,6 +104,38 @@ def start_rate(
     elapsed = time.perf_counter() - t0
     if errors:
         raise errors[0]
+    return count / elapsed
+
+
+def statement_rate(
+    pool: ConnectionPool[Any], config: EngineConfig, definition: WorkflowDefinition, count: int
+) -> float:
+    """Start ``count`` runs by sending ``start_workflow``'s statement alone, one at a time; return runs/s.
+
+    The floor under the one-thread ``start_workflow`` row: the same statement (workflow_start_one,
+    prepared, notifying as that row's starts do), its parameters made beforehand by the engine's own
+    code, sent through a bare cursor on one connection. What the row runs slower is the engine's
+    Python around the statement.
+    """
+    workflows = WorkflowCoordinator(pool, config)
+    workflows.register_workflow(definition)
+    engine = workflows._engine
+    query = native_queries(config.schema)["workflow_start_one"]
+    with pool.connection() as conn:
+        stored = engine.latest_definition(conn, definition.namespace, definition.name, cached=False)
+        plan = engine.start_plan(stored, _start_plan)
+        channel = engine.channel if config.notify else None
+        values = []
+        for request in requests(definition, count, prefix="statement"):
+            text = encode_payload(request.input, limit=config.max_payload_bytes, what="workflow input")
+            params = start_one_parameters(request, text, stored, plan, channel)
+            values.append([params[n] for n in query.names])
+        with psycopg.RawCursor(conn) as cur:
+            t0 = time.perf_counter()
+            for params in values:
+                cur.execute(query.text, params, prepare=True)
+                cur.fetchall()
+            elapsed = time.perf_counter() - t0
     return count / elapsed
 
 
