@@ -138,3 +138,14 @@ def test_hot_statements_are_prepared_on_first_use_and_the_rest_after_psycopgs_th
             prepared = [r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")]
     assert sum("INSERT INTO" in s and "workflow_instances" in s for s in prepared) == 1, "the start"
     assert not any(s.startswith("SELECT * FROM") for s in prepared), "workflow_get ran once only"
+
+
+def test_a_pool_that_prepares_nothing_gets_no_statement_prepared(engine_config: EngineConfig) -> None:
+    # the setting docs/howto/production.md gives for PgBouncer's transaction pooling
+    with create_pool(engine_config, min_size=1, max_size=1, kwargs={"prepare_threshold": None}) as pool:
+        workflows = WorkflowCoordinator(pool, engine_config)
+        workflows.register_workflow(WorkflowDefinition("prep", "one", [TaskDefinition("t")]))
+        for i in range(8):
+            workflows.start_workflow(StartWorkflowRequest("prep", "one", f"run-{i}"))
+        with pool.connection() as conn:
+            assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)

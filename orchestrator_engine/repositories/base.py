@@ -24,7 +24,9 @@ TUPLES_OK = pq.ExecStatus.TUPLES_OK
 #: up to 3 ms each for the completion, a twentieth of the server's CPU in a drain of 40,000 tasks
 #: on fresh connections. Preparing at once halves that. Per statement, not for the connection: a
 #: pool the host shares keeps its own statements under psycopg's threshold. The rest run too rarely
-#: to repay the round trip a first preparation costs.
+#: to repay the round trip a first preparation costs. A connection whose prepare_threshold is None
+#: (behind PgBouncer's transaction pooling, see docs/howto/production.md) still prepares nothing:
+#: psycopg ignores prepare=True there.
 PREPARED_AT_ONCE = frozenset(
     {
         "workflow_start_one",
