@@ -356,7 +356,8 @@ def run_start(run: Run, only: list[str]) -> None:
         f"row: {size.starts:,} more runs started by sending that call's statement (`workflow_start_one`, "
         "prepared, notifying as the call does) from one thread through a bare psycopg cursor, its "
         "parameters made beforehand by the engine's own code. Its status cell gives the one-thread row's "
-        "rate as a share of it: the rest is the engine's Python around the statement."
+        "rate as a share of it: the rest is the engine's Python and the pool's checkout around the "
+        "statement."
     )
     if "drain" in only:
         _drain_row(run, schemas["start_single"], 1, run.concurrency)
@@ -383,7 +384,7 @@ def _statement_row(run: Run, definition: WorkflowDefinition, call_rate: float) -
     run.rows.append(
         Row(
             f"start {run.size.starts:,} single-task",
-            "its statement alone (no engine code), 1 thread",
+            "its statement alone (no engine or pool code), 1 thread",
             rate(value, "workflows/s"),
             times_baseline(value, run.baseline_one),
             "",

@@ -125,7 +125,7 @@ def test_each_statement_prepared_at_once_exists() -> None:
     assert PREPARED_AT_ONCE.issubset(raw_queries())
 
 
-def test_hot_statements_are_prepared_on_first_use_and_the_rest_after_psycopgs_threshold(
+def test_hot_statements_are_prepared_on_first_use_and_a_statement_run_once_is_not(
     engine_config: EngineConfig,
 ) -> None:
     # one connection, so that the start and the reads below run on the one whose statements are listed

@@ -305,6 +305,21 @@ def test_start_many_is_idempotent_per_run_id(wc: WorkflowCoordinator) -> None:
     assert wc.start_workflows(requests) == first
 
 
+def test_start_many_in_a_host_transaction_whose_connection_loads_uuids_as_text(
+    wc: WorkflowCoordinator, dsn: str
+) -> None:
+    # the started rows are read through the host connection's adapters: its own uuid loader too
+    from psycopg.types.string import TextLoader
+
+    register(wc, "shop", chain("a"))
+    requests = [StartWorkflowRequest(NAMESPACE, "shop", f"text-{i}", {"i": i}) for i in range(3)]
+    with psycopg.connect(dsn) as conn:
+        conn.adapters.register_loader("uuid", TextLoader)
+        started = wc.start_workflows(requests, conn=conn)
+    assert [i.run_id for i in started] == ["text-0", "text-1", "text-2"]
+    assert [wc.get_workflow(str(i.instance_id)).input for i in started] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
 def test_start_many_is_all_or_nothing(
     wc: WorkflowCoordinator, pool: Pool, engine_config: EngineConfig
 ) -> None:

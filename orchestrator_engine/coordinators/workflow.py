@@ -560,7 +560,7 @@ class _StartBatch:
         """Map (namespace, workflow name, run_id) to each instance the statement inserted (its rows)."""
         at, created, updated = (columns.index(c) for c in ("instance_id", "created_at", "updated_at"))
         # the row of NULLs (nothing was started) has no id
-        found = [(self._meta[row[at].int], row) for row in rows if row[at] is not None]
+        found = [(self._meta[_id_int(row[at])], row) for row in rows if row[at] is not None]
         # the inputs decoded by one call: a call per input cost more than decoding them
         inputs = json.loads("[" + ",".join(meta[1] for meta, _ in found) + "]")
         out = {}
@@ -569,6 +569,11 @@ class _StartBatch:
                 request, version, value, sequence_number, (row[at], row[created], row[updated])
             )
         return out
+
+
+def _id_int(value: Any) -> int:
+    """Return a loaded uuid's integer: a UUID unless the host's connection loads uuids otherwise."""
+    return value.int if isinstance(value, UUID) else UUID(str(value)).int
 
 
 def _started_instance(

@@ -26,7 +26,9 @@ TUPLES_OK = pq.ExecStatus.TUPLES_OK
 #: pool the host shares keeps its own statements under psycopg's threshold. The rest run too rarely
 #: to repay the round trip a first preparation costs. A connection whose prepare_threshold is None
 #: (behind PgBouncer's transaction pooling, see docs/howto/production.md) still prepares nothing:
-#: psycopg ignores prepare=True there.
+#: psycopg ignores prepare=True there. (A statement that fails in the call that prepares it stays
+#: prepared on the server until its connection closes, psycopg having forgotten it: as at its
+#: threshold, only now possibly at a connection's first run.)
 PREPARED_AT_ONCE = frozenset(
     {
         "workflow_start_one",
