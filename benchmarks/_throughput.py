@@ -107,39 +107,58 @@ def start_rate(
     return count / elapsed
 
 
-def statement_rate(
-    pool: ConnectionPool[Any], config: EngineConfig, definition: WorkflowDefinition, count: int
-) -> float:
-    """Start ``count`` runs by sending ``start_workflow``'s statement alone, one at a time; return runs/s.
+def single_start_rates(
+    call_pool: ConnectionPool[Any],
+    call_config: EngineConfig,
+    alone_pool: ConnectionPool[Any],
+    alone_config: EngineConfig,
+    definition: WorkflowDefinition,
+    count: int,
+    *,
+    block: int = 500,
+) -> tuple[float, float]:
+    """Start ``count`` runs with ``start_workflow`` and ``count`` more by sending its statement alone,
+    from one thread, in alternating blocks of ``block``; return both rates (runs/s).
 
-    The floor under the one-thread ``start_workflow`` row: the same statement (workflow_start_one,
-    prepared, notifying as that row's starts do), its parameters made beforehand by the engine's own
-    code, sent through a bare cursor on one connection. What the row runs slower is the engine's
-    Python and the pool's checkout around the statement.
+    The statement alone is the floor under the call: the same statement (workflow_start_one, prepared,
+    notifying as the call does), its parameters made beforehand by the engine's own code, sent through
+    a bare cursor on one connection. What the call runs slower is the engine's Python and the pool's
+    checkout around the statement. Alternating keeps a change in the machine's speed out of the ratio.
+    Each runs in its own schema (``call_config``'s is drained afterwards).
     """
-    workflows = WorkflowCoordinator(pool, config)
-    workflows.register_workflow(definition)
-    engine = workflows._engine
-    query = native_queries(config.schema)["workflow_start_one"]
-    with pool.connection() as conn:
+    calls = WorkflowCoordinator(call_pool, call_config)
+    calls.register_workflow(definition)
+    to_call = requests(definition, count)
+    alone = WorkflowCoordinator(alone_pool, alone_config)
+    alone.register_workflow(definition)
+    engine = alone._engine
+    query = native_queries(alone_config.schema)["workflow_start_one"]
+    call_s = alone_s = 0.0
+    started = 0
+    with alone_pool.connection() as conn:
         stored = engine.latest_definition(conn, definition.namespace, definition.name, cached=False)
         plan = engine.start_plan(stored, _start_plan)
-        channel = engine.channel if config.notify else None
+        channel = engine.channel if alone_config.notify else None
         values = []
         for request in requests(definition, count, prefix="statement"):
-            text = encode_payload(request.input, limit=config.max_payload_bytes, what="workflow input")
+            text = encode_payload(request.input, limit=alone_config.max_payload_bytes, what="workflow input")
             params = start_one_parameters(request, text, stored, plan, channel)
             values.append([params[n] for n in query.names])
         with psycopg.RawCursor(conn) as cur:
-            started = 0
-            t0 = time.perf_counter()
-            for params in values:
-                cur.execute(query.text, params, prepare=True)
-                started += cur.fetchone()[0] is not None  # type: ignore[index]
-            elapsed = time.perf_counter() - t0
+            for i in range(0, count, block):
+                t0 = time.perf_counter()
+                for request in to_call[i : i + block]:
+                    calls.start_workflow(request)
+                t1 = time.perf_counter()
+                for params in values[i : i + block]:
+                    cur.execute(query.text, params, prepare=True)
+                    started += cur.fetchone()[0] is not None  # type: ignore[index]
+                t2 = time.perf_counter()
+                call_s += t1 - t0
+                alone_s += t2 - t1
     if started != count:  # a statement that started nothing would pass for a faster floor
         raise RuntimeError(f"the start statement started {started} of {count} runs")
-    return count / elapsed
+    return count / call_s, count / alone_s
 
 
 @dataclass(frozen=True)
