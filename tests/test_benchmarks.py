@@ -225,6 +225,30 @@ def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path)
     assert before.count("| 1.00x |") == 2, before
 
 
+@pytest.mark.parametrize("workload", ["start", "bulk"])
+def test_ab_runs_a_revision_and_the_working_tree_side_by_side(dsn: str, workload: str) -> None:
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: ab.py compares a git revision")
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "HEAD", "--workload", workload]
+    result = subprocess.run(
+        [*command, "--rounds", "2", "--block", "10", "--dsn", dsn],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    sides = ("| A (HEAD)", "| B (working tree)")
+    rows = [line for line in result.stdout.splitlines() if line.startswith(sides)]
+    assert len(rows) == 2, result.stdout
+    assert all(row.split("|")[2].strip() == "20" for row in rows), "2 measured blocks of 10 per side"
+    assert "paired blocks" in result.stdout
+    with psycopg.connect(dsn) as conn:  # it leaves no schema behind
+        left = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname IN ('ab_a', 'ab_b')").fetchone()
+    assert left == (0,)
+
+
 def test_the_profile_names_each_statement_by_its_words_alone() -> None:
     # profile_drain labels pg_stat_statements rows by the words of each named statement: no two
     # statements may share them, and constants, parameters and comments must not count
