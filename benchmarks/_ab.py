@@ -11,9 +11,9 @@ moves both.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -35,6 +35,19 @@ PACKAGE = "orchestrator_engine"
 _ABSOLUTE_IMPORT = re.compile(rf"^(\s*)(from|import) {PACKAGE}\b", re.MULTILINE)
 
 
+def resolve(revision: str) -> str:
+    """Return the commit ``revision`` names, or exit with git's own message."""
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--end-of-options", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode:
+        raise SystemExit(f"ab.py: {revision!r} is not a commit of {ROOT}: {found.stderr.strip()}")
+    return found.stdout.strip()
+
+
 def materialize(revision: str | None, name: str, dest: Path) -> None:
     """Write the package (and its migrations, inside it) as it is at ``revision`` to ``dest/name``.
 
@@ -45,11 +58,14 @@ def materialize(revision: str | None, name: str, dest: Path) -> None:
         shutil.copytree(ROOT / PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "migrations", target / "migrations")
     else:
-        archive = subprocess.run(
+        made = subprocess.run(
             ["git", "-C", str(ROOT), "archive", "--format=tar", revision, PACKAGE, "migrations"],
-            check=True,
+            check=False,
             capture_output=True,
-        ).stdout
+        )
+        if made.returncode:  # a revision without the package or its migrations at the top level
+            raise SystemExit(f"ab.py: git archive {revision}: {made.stderr.decode().strip()}")
+        archive = made.stdout
         unpacked = dest / f".{name}"
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             if hasattr(tarfile, "data_filter"):  # Python 3.10.12 and later
@@ -60,8 +76,26 @@ def materialize(revision: str | None, name: str, dest: Path) -> None:
         (unpacked / "migrations").rename(target / "migrations")
         shutil.rmtree(unpacked)
     for source in target.rglob("*.py"):
-        text = source.read_text(encoding="utf-8")
-        source.write_text(_ABSOLUTE_IMPORT.sub(rf"\1\2 {name}", text), encoding="utf-8")
+        text = _ABSOLUTE_IMPORT.sub(rf"\1\2 {name}", source.read_text(encoding="utf-8"))
+        # any other import of the package (after a comma, say) would run the working tree's code
+        # under the copy's name: refuse to compare rather than compare the same code twice
+        if _imports_package(text):
+            raise SystemExit(f"ab.py: {source.relative_to(dest)} imports {PACKAGE} in a way it cannot rename")
+        source.write_text(text, encoding="utf-8")
+
+
+def _imports_package(text: str) -> bool:
+    """Say whether the module ``text`` has an import statement that names the original package."""
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:  # a relative import stays in the copy
+            names = [node.module or ""]
+        else:
+            continue
+        if any(n.split(".")[0] == PACKAGE for n in names):
+            return True
+    return False
 
 
 @dataclass
@@ -80,8 +114,15 @@ class Side:
     blocks: list[float] = field(default_factory=list)
 
 
-def open_side(label: str, module: str, dsn: str, schema: str) -> Side:
+def open_side(label: str, module: str, dsn: str, schema: str, *, home: Path, local: bool) -> Side:
+    """Import the copy ``module`` (from ``home``), migrate ``schema`` and register the workflow.
+
+    ``local``: the server runs on this machine, so its backend's CPU can be read.
+    """
     engine = importlib.import_module(module)
+    migrations = importlib.import_module(f"{module}.migrator").migrations_dir()
+    if not migrations.resolve().is_relative_to(home.resolve()):
+        raise RuntimeError(f"{module} reads its migrations from {migrations}, not from its copy")
     drop_schema(dsn, schema)
     config = engine.EngineConfig(dsn=dsn, schema=schema)
     engine.migrate(config)
@@ -92,23 +133,14 @@ def open_side(label: str, module: str, dsn: str, schema: str) -> Side:
     )
     with pool.connection() as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    return Side(label, engine, coordinator, pool, _local_postgres(int(row[0])))
-
-
-def _local_postgres(pid: int) -> int | None:
-    """Return ``pid`` if it is a postgres process of this machine (its CPU can be read), else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return pid if stat.split(" (", 1)[1].startswith("postgres") else None
+    return Side(label, engine, coordinator, pool, int(row[0]) if local else None)
 
 
 def _cpu_seconds(pid: int | None) -> float:
+    """Return the CPU time a local process has run, in nanoseconds' resolution (schedstat)."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 def run_block(side: Side, workload: str, block: int, first: int) -> None:
@@ -165,25 +197,38 @@ def main(argv: list[str] | None = None) -> int:
         default="start",
         help="start_workflow calls, or one start_workflows batch per block",
     )
-    parser.add_argument("--rounds", type=int, default=20, help="blocks per side, after one unmeasured each")
+    parser.add_argument("--rounds", type=int, default=20, help="measured blocks per side (even, >= 2)")
     parser.add_argument("--block", type=int, default=200, help="workflows per block")
-    parser.add_argument("--dsn", help="database to run in (schemas ab_a and ab_b); default: embedded")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="unmeasured blocks per side first (default 1 for start, 10 for bulk: a connection plans a "
+        "statement's first runs, and a bulk block is one run)",
+    )
+    parser.add_argument(
+        "--dsn", help="database to run in (its schemas ab_a and ab_b are dropped); default: embedded"
+    )
     args = parser.parse_args(argv)
+    if args.rounds < 2 or args.rounds % 2:
+        parser.error("--rounds must be even and at least 2, so that each side goes first as often")
+    warmup = args.warmup if args.warmup is not None else (1 if args.workload == "start" else 10)
+    base = resolve(args.base)
     with tempfile.TemporaryDirectory(prefix="orchestrator-ab-") as tmp, server(args.dsn, {}) as (dsn, where):
-        materialize(args.base, "oe_ab_a", Path(tmp))
-        materialize(None, "oe_ab_b", Path(tmp))
+        home = Path(tmp)
+        materialize(base, "oe_ab_a", home)
+        materialize(None, "oe_ab_b", home)
         sys.path.insert(0, tmp)
-        sides = [
-            open_side(f"A ({args.base})", "oe_ab_a", dsn, "ab_a"),
-            open_side("B (working tree)", "oe_ab_b", dsn, "ab_b"),
-        ]
+        sides: list[Side] = []
         try:
+            local = args.dsn is None
+            sides.append(open_side(f"A ({base[:12]})", "oe_ab_a", dsn, "ab_a", home=home, local=local))
+            sides.append(open_side("B (working tree)", "oe_ab_b", dsn, "ab_b", home=home, local=local))
             first = 0
-            for round_ in range(args.rounds + 1):
+            for round_ in range(warmup + args.rounds):
                 for side in sides if round_ % 2 else sides[::-1]:
                     run_block(side, args.workload, args.block, first)
                     first += args.block
-                if round_ == 0:  # warm-up: connections prepare their statements, caches fill
+                if round_ == warmup - 1:  # warmed up: statements prepared and planned, caches full
                     for side in sides:
                         side.workflows, side.wall, side.client, side.server = 0, 0.0, 0.0, 0.0
                         side.blocks.clear()
@@ -192,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                 side.pool.close()
             for schema in ("ab_a", "ab_b"):
                 drop_schema(dsn, schema)
-    print(f"{args.workload}, {args.rounds} blocks of {args.block} per side, alternating; {where}")
+    print(
+        f"{args.workload}, {args.rounds} blocks of {args.block} per side after {warmup} unmeasured, "
+        f"alternating; {where}"
+    )
     print(report(sides))
     return 0

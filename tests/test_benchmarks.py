@@ -22,6 +22,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _shapes
+from benchmarks._ab import _imports_package, materialize
 from benchmarks._env import engine_config, vacuum_analyze
 from benchmarks._plans import SCHEMA, Population, auto_explained, parameters, populate
 from benchmarks._profile import _shape, _statement_names
@@ -225,6 +226,35 @@ def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path)
     assert before.count("| 1.00x |") == 2, before
 
 
+def test_ab_copies_of_the_package_import_nothing_of_the_original(tmp_path: Path) -> None:
+    # a copy that still imported orchestrator_engine would run the working tree's code on both sides
+    materialize(None, "oe_copy", tmp_path)
+    probe = (
+        "import importlib, pkgutil, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import oe_copy\n"
+        "for m in pkgutil.walk_packages(oe_copy.__path__, 'oe_copy.'):\n"
+        "    if m.name != 'oe_copy.__main__':\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'orchestrator_engine'))\n"
+        "print(oe_copy.migrator.migrations_dir())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    loaded, migrations = result.stdout.splitlines()
+    assert loaded == "[]"
+    assert Path(migrations) == tmp_path / "oe_copy" / "migrations"
+
+
+def test_ab_refuses_an_import_of_the_package_it_cannot_rename() -> None:
+    assert _imports_package("import os, orchestrator_engine\n")
+    assert _imports_package("def f():\n    import orchestrator_engine.worker as w\n")
+    assert not _imports_package('"""from orchestrator_engine import X, as a docstring says"""\n')
+    assert not _imports_package("from .config import EngineConfig\n")
+
+
 @pytest.mark.parametrize("workload", ["start", "bulk"])
 def test_ab_runs_a_revision_and_the_working_tree_side_by_side(dsn: str, workload: str) -> None:
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
@@ -239,7 +269,7 @@ def test_ab_runs_a_revision_and_the_working_tree_side_by_side(dsn: str, workload
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    sides = ("| A (HEAD)", "| B (working tree)")
+    sides = ("| A (", "| B (working tree)")
     rows = [line for line in result.stdout.splitlines() if line.startswith(sides)]
     assert len(rows) == 2, result.stdout
     assert all(row.split("|")[2].strip() == "20" for row in rows), "2 measured blocks of 10 per side"
