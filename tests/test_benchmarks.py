@@ -188,25 +188,21 @@ def test_a_single_start_reads_no_table_whole_but_the_waiting_workers(
 
 
 @pytest.mark.slow
-def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path) -> None:
-    out = tmp_path / "RESULTS.md"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--size",
-            "smoke",
-            "--dsn",
-            dsn,
-            "--out",
-            str(out),
-        ],
+def _script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<name>`` from the checkout, as its README says; its output as text."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_smoke_run_prints_the_table_and_writes_results(dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    result = _script("run.py", "--size", "smoke", "--dsn", dsn, "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| workload" in result.stdout
     for workload in ("baseline", "start", "drain", "chain", "fan", "latency", "history"):
@@ -259,15 +255,7 @@ def test_ab_refuses_an_import_of_the_package_it_cannot_rename() -> None:
 def test_ab_runs_a_revision_and_the_working_tree_side_by_side(dsn: str, workload: str) -> None:
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.skip("not a git checkout: ab.py compares a git revision")
-    command = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "HEAD", "--workload", workload]
-    result = subprocess.run(
-        [*command, "--rounds", "2", "--block", "10", "--dsn", dsn],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = _script("ab.py", "HEAD", "--workload", workload, "--rounds", "2", "--block", "10", "--dsn", dsn)
     assert result.returncode == 0, result.stdout + result.stderr
     sides = ("| A (", "| B (working tree)")
     rows = [line for line in result.stdout.splitlines() if line.startswith(sides)]
