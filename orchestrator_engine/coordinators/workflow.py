@@ -147,14 +147,13 @@ class WorkflowCoordinator:
         if not isinstance(request, StartWorkflowRequest):
             raise TypeError(f"expected a StartWorkflowRequest, got {type(request).__name__}")
         names = (request.namespace, request.workflow_name)
-        known = valid if valid is not None else set()
         # only plain strings are remembered: a str subclass is checked each time
         plain = type(names[0]) is str and type(names[1]) is str
-        if not (plain and names in known):
+        if valid is None or not plain or names not in valid:
             as_name(request.namespace, "namespace")
             as_name(request.workflow_name, "workflow name")
-            if plain:
-                known.add(names)
+            if valid is not None and plain:
+                valid.add(names)
         as_run_id(request.run_id)
         as_version(request.version)
         return self._engine.encode(request.input, "workflow input")
