@@ -60,7 +60,7 @@ class Repository:
         values = [params[n] for n in self._q[name].names]
         try:
             with _cursor(conn) as cur:
-                cur.execute(self._q[name].text, values, prepare=True if name in PREPARED_AT_ONCE else None)
+                cur.execute(self._q[name].text, values, prepare=_prepare(name))
                 # the result's status and names, not cur.description: that builds a Column per column
                 result = cur.pgresult
                 if result is None or result.status != TUPLES_OK:
@@ -80,12 +80,17 @@ class Repository:
         values = [params[n] for n in self._q[name].names]
         try:
             with _cursor(conn) as cur:
-                cur.execute(self._q[name].text, values, prepare=True if name in PREPARED_AT_ONCE else None)
+                cur.execute(self._q[name].text, values, prepare=_prepare(name))
                 return cur.rowcount
         except psycopg.Error as exc:
             raise _translated(conn, exc) from exc
         except UnicodeEncodeError as exc:
             raise PayloadError(f"a parameter of {name} is not valid Unicode") from exc
+
+
+def _prepare(name: str) -> bool | None:
+    """Return what psycopg's ``prepare`` gets for ``name``: True for PREPARED_AT_ONCE, else its own rule."""
+    return True if name in PREPARED_AT_ONCE else None
 
 
 def _translated(conn: psycopg.Connection[Any], exc: psycopg.Error) -> Exception:
