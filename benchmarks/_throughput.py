@@ -13,7 +13,6 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orchestrator_engine import EngineConfig, WorkflowCoordinator, WorkflowDefinition
-from orchestrator_engine._payload import encode_payload
 from orchestrator_engine.coordinators.workflow import _start_plan, start_one_parameters
 from orchestrator_engine.sql import native_queries
 
@@ -141,7 +140,7 @@ def single_start_rates(
         channel = engine.channel if alone_config.notify else None
         values = []
         for request in requests(definition, count, prefix="statement"):
-            text = encode_payload(request.input, limit=alone_config.max_payload_bytes, what="workflow input")
+            text = engine.encode(request.input, "workflow input")
             params = start_one_parameters(request, text, stored, plan, channel)
             values.append([params[n] for n in query.names])
         with psycopg.RawCursor(conn) as cur:
